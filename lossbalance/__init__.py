@@ -1,0 +1,13 @@
+"""lossbalance: balance the tasks of a multi-task Keras model.
+
+    model = lossbalance.BalancedModel(inputs=..., outputs={"cls": ..., "reg": ...})
+    model.compile(optimizer="adam", loss={"cls": "sparse_categorical_crossentropy",
+                  "reg": "mse"}, strategy="pcgrad")
+"""
+
+from lossbalance import strategies
+from lossbalance.model import BalancedModel, FunctionalBalancedModel
+
+__version__ = "0.1.0"
+
+__all__ = ["BalancedModel", "FunctionalBalancedModel", "strategies", "__version__"]

@@ -1,0 +1,106 @@
+"""Per-task gradients on the shared parameters, and how they are combined.
+
+Every gradient-level strategy needs each task's gradient g_k on the parameters the tasks
+share; parameters that only one task reaches (its head) simply receive that task's gradient.
+`TaskGradients` holds the per-task gradients of one step, found with a persistent tape,
+split into shared and task-specific variables by which task losses reach them, and offers
+the two operations strategies build on: the K x K Gramian G = J J^T, and the combination
+J^T w (or a direction given in the flattened parameter space).
+"""
+
+from __future__ import annotations
+
+import math
+
+import tensorflow as tf
+
+
+def task_gradients(tape, losses, variables):
+    """K lists of gradients (None where a task does not reach a variable)."""
+    values = [v.value if hasattr(v, "value") else v for v in variables]
+    return [tape.gradient(loss, values) for loss in losses]
+
+
+class TaskGradients:
+    """The per-task gradients of one training step.
+
+    Args:
+        per_task: K lists, one gradient (or None) per variable, e.g. from `task_gradients`.
+        variables: the variables, in the same order.
+
+    Attributes:
+        shared: indices of the variables that two or more tasks reach.
+        owner: for every variable that exactly one task reaches, that task's index.
+    """
+
+    def __init__(self, per_task, variables):
+        self.num_tasks = len(per_task)
+        self.variables = list(variables)
+        self.per_task = per_task
+        reached_by = [
+            [k for k in range(self.num_tasks) if per_task[k][i] is not None]
+            for i in range(len(self.variables))
+        ]
+        self.shared = [i for i, tasks in enumerate(reached_by) if len(tasks) >= 2]
+        self.owner = {i: tasks[0] for i, tasks in enumerate(reached_by) if len(tasks) == 1}
+        # (K, *shape) per shared variable; a task that does not reach it contributes zeros.
+        self.stacked = {
+            i: tf.stack([
+                tf.convert_to_tensor(g[i]) if g[i] is not None
+                else tf.zeros_like(self.variables[i])
+                for g in per_task
+            ])
+            for i in self.shared
+        }
+
+    @property
+    def has_shared(self) -> bool:
+        return bool(self.shared)
+
+    def gramian(self, dtype=None) -> tf.Tensor:
+        """G = J J^T (K x K) over the shared variables, accumulated variable by variable."""
+        total = tf.zeros((self.num_tasks, self.num_tasks), dtype or tf.float32)
+        for stacked in self.stacked.values():
+            rows = tf.reshape(stacked, (self.num_tasks, -1))
+            rows = tf.cast(rows, total.dtype)
+            total += tf.matmul(rows, rows, transpose_b=True)
+        return total
+
+    def jacobian(self) -> tf.Tensor:
+        """J (K x P): the flattened per-task gradients on the shared variables."""
+        return tf.concat(
+            [tf.reshape(s, (self.num_tasks, -1)) for s in self.stacked.values()], axis=1)
+
+    def combine(self, weights) -> dict:
+        """J^T w for every shared variable: {variable index: gradient}."""
+        result = {}
+        for i, stacked in self.stacked.items():
+            w = tf.cast(weights, stacked.dtype)
+            result[i] = tf.tensordot(w, stacked, axes=1)
+        return result
+
+    def unflatten(self, direction) -> dict:
+        """Split a (P,) direction over the shared variables: {variable index: gradient}."""
+        result, offset = {}, 0
+        for i in self.shared:
+            shape = tuple(self.variables[i].shape)
+            size = math.prod(shape)
+            result[i] = tf.reshape(direction[offset: offset + size], shape)
+            offset += size
+        return result
+
+    def gradients(self, shared_update: dict, extra=None) -> list:
+        """The full gradient list: the combined update on shared variables, each task's own
+        gradient on its head variables, plus `extra` (e.g. the regularisation gradient)."""
+        grads = []
+        for i in range(len(self.variables)):
+            if i in shared_update:
+                g = shared_update[i]
+            elif i in self.owner:
+                g = self.per_task[self.owner[i]][i]
+            else:
+                g = None
+            if extra is not None and extra[i] is not None:
+                g = extra[i] if g is None else g + extra[i]
+            grads.append(g)
+        return grads

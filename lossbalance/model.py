@@ -1,0 +1,373 @@
+"""`BalancedModel`: a `keras.Model` whose training step balances its tasks.
+
+Stock Keras sums the weighted per-output losses and takes one gradient, so every head's
+gradient reaches the shared trunk added up with fixed weights. `BalancedModel` computes the
+per-task losses itself and lets a strategy, chosen by name in `compile(strategy=...)`, decide
+how they (or their gradients) are combined before the optimizer update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import keras
+import tensorflow as tf
+from keras.src.models.functional import Functional
+from keras.src.models.model import Trainer, functional_init_arguments
+
+from lossbalance import strategies
+from lossbalance.gradients import TaskGradients, task_gradients
+from lossbalance.tasks import TaskLosses
+
+
+def _unscale_for_distribution(value):
+    """Keras losses divide by the replica count; logs report the global value."""
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    return value * replicas if replicas > 1 else value
+
+
+def _batch_size(x):
+    first = next(t for t in tf.nest.flatten(x) if t is not None)
+    return tf.shape(first)[0]
+
+
+def _add(a, b):
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
+@keras.saving.register_keras_serializable(package="lossbalance")
+class BalancedModel(keras.Model):
+    """A `keras.Model` that balances its tasks with a strategy chosen at `compile`.
+
+    Use it as a functional model, `BalancedModel(inputs=..., outputs={"a": ..., "b": ...})`,
+    or as a base class whose subclass defines `call` (return a dict by task name, or a list).
+    Every output with a loss is a task. `fit`, `evaluate`, `predict` and `save` work as for
+    any Keras model.
+
+    Logs: `loss` is the objective minimised (sum_k w_k L_k plus regularisation and any
+    strategy term); `<task>_loss` is each task's unweighted loss; `<task>_weight` is the
+    weight the task effectively received (its compile loss weight times the strategy's
+    weight), averaged over the epoch. In evaluation, `loss` is the plain Keras total,
+    sum_k loss_weight_k L_k plus regularisation, whatever the strategy, so that validation
+    losses compare across strategies and epochs.
+    """
+
+    def __new__(cls, *args, **kwargs):
+        if cls is BalancedModel and functional_init_arguments(args, kwargs):
+            return super().__new__(FunctionalBalancedModel, *args, **kwargs)
+        return super().__new__(cls, *args, **kwargs)
+
+    def __init__(self, *args, **kwargs):
+        if functional_init_arguments(args, kwargs) and not isinstance(self, Functional):
+            raise TypeError(
+                f"{type(self).__name__} passes `inputs` and `outputs` to BalancedModel from "
+                "a subclass. Either build the model directly with "
+                "BalancedModel(inputs=..., outputs=...), or subclass "
+                "lossbalance.FunctionalBalancedModel for a functional subclass."
+            )
+        super().__init__(*args, **kwargs)
+        self._init_balancing()
+
+    def _init_balancing(self):
+        self._task_losses = None
+        self._balancing_config = None
+
+    # -- compile -------------------------------------------------------------------------
+
+    def compile(
+        self,
+        optimizer="rmsprop",
+        loss=None,
+        loss_weights=None,
+        metrics=None,
+        weighted_metrics=None,
+        strategy="fixed",
+        run_eagerly=False,
+        steps_per_execution=1,
+        jit_compile="auto",
+        auto_scale_loss=True,
+    ):
+        """Configure training, as `keras.Model.compile`, plus the balancing strategy.
+
+        Args:
+            loss: one loss for every output, a list in output order, or a dict by output
+                name (None for an output leaves it untrained). Required.
+            loss_weights: per-output weights, as in Keras; they scale each task's loss
+                before the strategy sees it (and multiply a `fixed` strategy's weights).
+            strategy: a registered name (`lossbalance.strategies.available()`), a
+                `Strategy` instance, or a config dict such as `{"name": "cagrad", "c": 0.5}`.
+                Default `"fixed"`: equal weights, exactly stock Keras.
+            The other arguments are passed to `keras.Model.compile`.
+        """
+        task_losses = TaskLosses(loss, loss_weights, self._known_output_names())
+        strategy = strategies.get(strategy)
+        strategy.bind(task_losses.names)
+        self._check_strategy_fits(strategy)
+        if len(task_losses.tasks) == 1:
+            warnings.warn(
+                f"BalancedModel has a single task ({task_losses.names[0]!r}): there is "
+                "nothing to balance, and every strategy trains it like plain Keras up to "
+                "the strategy's weight.",
+                stacklevel=2,
+            )
+        super().compile(
+            optimizer=optimizer,
+            loss=None,
+            metrics=metrics,
+            weighted_metrics=weighted_metrics,
+            run_eagerly=run_eagerly,
+            steps_per_execution=steps_per_execution,
+            jit_compile=jit_compile,
+            auto_scale_loss=auto_scale_loss,
+        )
+        self._task_losses = task_losses
+        with self._unlocked_state():
+            for old in (getattr(self, "strategy", None),
+                        *getattr(self, "_task_loss_trackers", ()),
+                        *getattr(self, "_task_weight_trackers", ())):
+                if old is not None and old is not strategy:
+                    self._tracker.untrack(old)
+            self.strategy = strategy
+            self._task_loss_trackers = [
+                keras.metrics.Mean(name=f"{name}_loss") for name in task_losses.names]
+            self._task_weight_trackers = [
+                keras.metrics.Mean(name=f"{name}_weight") for name in task_losses.names]
+        self._balancing_config = {"loss": loss, "loss_weights": loss_weights,
+                                  "strategy": strategy}
+
+    def _known_output_names(self):
+        names = getattr(self, "output_names", None)
+        return list(names) if names else None
+
+    def _check_strategy_fits(self, strategy):
+        replicas = self.distribute_strategy.num_replicas_in_sync
+        if replicas > 1 and strategy.family != "loss":
+            raise NotImplementedError(
+                f"Strategy {strategy.registry_name!r} combines per-task gradients, which "
+                f"is not supported yet under tf.distribute with {replicas} replicas. Use a "
+                "loss-weighting strategy or a single device."
+            )
+        layer = getattr(strategy, "layer", None)
+        if getattr(strategy, "uses_layer_gradients", False) and layer is not None:
+            names = [l.name for l in self._flatten_layers(include_self=False)]
+            if layer not in names:
+                raise ValueError(
+                    f"{type(strategy).__name__}(layer={layer!r}): the model has no layer "
+                    f"of that name. Its layers: {names}."
+                )
+
+    @contextlib.contextmanager
+    def _unlocked_state(self):
+        """Allow attaching the strategy and trackers to an already built model."""
+        was_locked = self._tracker.locked
+        self._tracker.unlock()
+        try:
+            yield
+        finally:
+            if was_locked:
+                self._tracker.lock()
+
+    def get_compile_config(self):
+        config = super().get_compile_config()
+        if config and self._balancing_config is not None:
+            extra = keras.saving.serialize_keras_object(self._balancing_config)
+            config.update(extra.get("config", extra))
+        return config
+
+    def compile_from_config(self, config):
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if self.optimizer is not None and self.built:
+            self.optimizer.build(self.trainable_variables)
+
+    # -- training ------------------------------------------------------------------------
+
+    def _require_compiled(self):
+        if self._task_losses is None:
+            raise RuntimeError(
+                "BalancedModel must be compiled before training: call "
+                "model.compile(optimizer=..., loss=..., strategy=...)."
+            )
+
+    def _scales_loss(self):
+        opt = self.optimizer
+        return isinstance(opt, keras.optimizers.LossScaleOptimizer) or (
+            getattr(opt, "loss_scale_factor", None) is not None)
+
+    def train_step(self, data):
+        self._require_compiled()
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        strategy = self.strategy
+        uses_layer = getattr(strategy, "uses_layer_gradients", False)
+        per_task = strategy.family != "loss"
+        variables = self.trainable_variables
+
+        with tf.GradientTape(persistent=per_task or uses_layer) as tape:
+            y_pred = self(x, training=True)
+            raw_losses = self._task_losses(y, y_pred, sample_weight)
+            compile_weights = tf.constant(self._task_losses.loss_weights, raw_losses[0].dtype)
+            losses = compile_weights * tf.stack(raw_losses)
+            # Per-task tensors for tape.gradient must be sliced inside the tape.
+            task_losses = tf.unstack(losses)
+            regularization = self._regularization_loss()
+            extra = strategy.extra_loss(losses)
+            other = _add(regularization, extra)
+            if per_task:
+                scaled = [self.optimizer.scale_loss(loss) for loss in task_losses]
+                scaled_other = None if other is None else self.optimizer.scale_loss(other)
+            else:
+                weights = strategy.loss_weights(losses)
+                objective = _add(tf.reduce_sum(weights * losses), other)
+                scaled_objective = self.optimizer.scale_loss(objective)
+
+        if per_task:
+            grads, weights = self._combine_task_gradients(
+                tape, scaled, scaled_other, losses, variables)
+            objective = _add(tf.reduce_sum(tf.stop_gradient(weights) * losses), other)
+        else:
+            grads = tape.gradient(scaled_objective, variables)
+        if uses_layer:
+            self._update_from_layer_gradients(tape, task_losses, losses, variables)
+        del tape
+        self.optimizer.apply(grads, variables)
+        if getattr(strategy, "uses_post_step_losses", False):
+            # e.g. FAMO: the same batch's losses after the update (one extra forward pass).
+            after = self._task_losses(y, self(x, training=True), sample_weight)
+            strategy.update_after_step(losses, compile_weights * tf.stack(after))
+
+        batch = _batch_size(x)
+        self._loss_tracker.update_state(_unscale_for_distribution(objective),
+                                        sample_weight=batch)
+        effective = compile_weights * tf.cast(weights, compile_weights.dtype)
+        for k, raw in enumerate(raw_losses):
+            self._task_loss_trackers[k].update_state(_unscale_for_distribution(raw),
+                                                     sample_weight=batch)
+            self._task_weight_trackers[k].update_state(effective[k])
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def _regularization_loss(self):
+        extra = self.losses
+        if not extra:
+            return None
+        return tf.add_n([tf.cast(tf.reduce_sum(l), keras.backend.floatx()) for l in extra])
+
+    def _combine_task_gradients(self, tape, scaled_losses, scaled_other, losses, variables):
+        """Gradient-level strategies: per-task gradients, combined on shared variables.
+
+        The gradients come from loss-scaled losses (mixed precision); the strategy sees them
+        unscaled, and the combination stays scaled for `optimizer.apply` to unscale.
+        """
+        gradients = TaskGradients(task_gradients(tape, scaled_losses, variables), variables)
+        if not gradients.has_shared:
+            raise ValueError(
+                "No trainable variable is shared by two or more tasks, so there is nothing "
+                f"for strategy {self.strategy.registry_name!r} to balance: the heads share "
+                "no trunk. Check that every head is built on the shared layers."
+            )
+        other_grads = None
+        if scaled_other is not None:
+            other_grads = tape.gradient(scaled_other, [v.value for v in variables])
+        scale = self.optimizer.scale_loss(tf.ones((), losses.dtype)) if self._scales_loss() else None
+        strategy = self.strategy
+        if strategy.family == "gramian":
+            gramian = gradients.gramian(losses.dtype)
+            if scale is not None:
+                gramian /= scale * scale
+            weights = strategy.gramian_weights(gramian, losses)
+            shared = gradients.combine(weights)
+        else:
+            jacobian = gradients.jacobian()
+            if scale is not None:
+                jacobian /= tf.cast(scale, jacobian.dtype)
+            direction, weights = strategy.aggregate(jacobian, losses)
+            if scale is not None:
+                direction *= tf.cast(scale, direction.dtype)
+            shared = gradients.unflatten(direction)
+        return gradients.gradients(shared, other_grads), weights
+
+    def _update_from_layer_gradients(self, tape, task_losses, losses, variables):
+        """GradNorm-style strategies: each task's gradient norm at one shared layer."""
+        layer_variables = self._balance_layer_variables(tape, task_losses, variables)
+        values = [v.value for v in layer_variables]
+        norms = []
+        for task_loss in task_losses:
+            grads = [g for g in tape.gradient(task_loss, values) if g is not None]
+            norms.append(tf.linalg.global_norm(grads) if grads else tf.zeros(()))
+        self.strategy.update_with_gradient_norms(tf.stack(norms), losses)
+
+    def _balance_layer_variables(self, tape, task_losses, variables):
+        name = self.strategy.layer
+        if name is not None:
+            layer = self.get_layer(name)
+            if not layer.trainable_weights:
+                raise ValueError(f"Layer {name!r} has no trainable weights to balance at.")
+            return layer.trainable_weights
+        gradients = TaskGradients(task_gradients(tape, task_losses, variables), variables)
+        if not gradients.has_shared:
+            raise ValueError(
+                f"Strategy {self.strategy.registry_name!r} needs a layer shared by the "
+                "tasks, but no trainable variable is shared: the heads share no trunk.")
+        last_shared = variables[gradients.shared[-1]]
+        owner = self._owning_layer(last_shared)
+        shared_ids = {id(variables[i]) for i in gradients.shared}
+        return [v for v in owner.trainable_weights if id(v) in shared_ids]
+
+    def _owning_layer(self, variable):
+        """The innermost layer that holds `variable`."""
+        holders = [layer for layer in self._flatten_layers(include_self=False)
+                   if any(w is variable for w in layer.trainable_weights)]
+        return min(holders, key=lambda layer: len(layer.trainable_weights))
+
+    # -- evaluation ----------------------------------------------------------------------
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """The plain Keras total: sum_k loss_weight_k L_k plus regularisation losses."""
+        self._require_compiled()
+        raw_losses = self._task_losses(y, y_pred, sample_weight)
+        total = tf.add_n([w * l for w, l in zip(self._task_losses.loss_weights, raw_losses)])
+        return _add(total, self._regularization_loss())
+
+    def test_step(self, data):
+        self._require_compiled()
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        y_pred = self(x, training=False)
+        raw_losses = self._task_losses(y, y_pred, sample_weight)
+        total = tf.add_n([w * l for w, l in zip(self._task_losses.loss_weights, raw_losses)])
+        total = _add(total, self._regularization_loss())
+        batch = _batch_size(x)
+        self._loss_tracker.update_state(_unscale_for_distribution(total), sample_weight=batch)
+        for tracker, raw in zip(self._task_loss_trackers, raw_losses):
+            tracker.update_state(_unscale_for_distribution(raw), sample_weight=batch)
+        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        weight_names = {t.name for t in self._task_weight_trackers}
+        return {k: v for k, v in logs.items() if k not in weight_names}
+
+    def fit(self, *args, callbacks=None, **kwargs):
+        callbacks = list(callbacks or [])
+        callbacks.append(_StrategyEpochHook())
+        return super().fit(*args, callbacks=callbacks, **kwargs)
+
+
+class _StrategyEpochHook(keras.callbacks.Callback):
+    """Tells the strategy that an epoch ended (epoch-level methods such as DWA)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.model.strategy.on_epoch_end(epoch)
+
+
+@keras.saving.register_keras_serializable(package="lossbalance")
+class FunctionalBalancedModel(BalancedModel, Functional):
+    """The class of `BalancedModel(inputs=..., outputs=...)`: a functional BalancedModel.
+
+    Keras would otherwise turn a `Model` subclass called with inputs and outputs into a
+    functional model by rewriting the subclass's bases in place, which would also change
+    every subclassed `BalancedModel`; this class keeps the two uses apart.
+    """
+
+    def __init__(self, inputs, outputs, name=None, **kwargs):
+        Trainer.__init__(self)
+        Functional.__init__(self, inputs, outputs, name=name, **kwargs)
+        self._init_balancing()

@@ -1,0 +1,210 @@
+"""The strategy contracts.
+
+A strategy decides how K per-task losses, or their gradients, become one update. Published
+methods fall into three families, and each family is one small contract:
+
+* `LossWeighting` maps the K task losses to weights w; the model minimises
+  sum_k w_k L_k (+ an optional extra term) with one backward pass, as plain Keras does.
+* `GramianWeighting` maps the K x K Gramian G = J J^T of the task gradients on the shared
+  parameters to weights w; the shared update is J^T w. Its solver sees a K x K matrix
+  whatever the model size.
+* `JacobianAggregator` needs the K x P Jacobian itself (element-wise methods).
+
+A strategy is a `keras.layers.Layer` so that its state (learned variances, moving averages,
+RNG seeds, a weight optimizer) is saved and restored with the model. `BalancedModel.compile`
+calls `bind(task_names)`, which creates that state; invalid hyper-parameters raise in
+`__init__`, before any training.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import keras
+import tensorflow as tf
+
+
+class Strategy(keras.layers.Layer):
+    """Base class of every balancing strategy. Subclass one of the three families."""
+
+    #: Canonical registry name, set by `@register`.
+    registry_name: str | None = None
+    #: "loss", "gramian" or "jacobian": which contract the strategy implements.
+    family: str = ""
+
+    def __init__(self, name=None, **kwargs):
+        super().__init__(name=name or self.registry_name or None, **kwargs)
+        self._task_names: tuple[str, ...] | None = None
+
+    # -- binding to a model's tasks ------------------------------------------------------
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        if self._task_names is None:
+            raise RuntimeError(
+                f"Strategy {self.name!r} is not bound to any tasks yet; it is bound by "
+                "BalancedModel.compile() (or call strategy.bind(task_names))."
+            )
+        return self._task_names
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_names)
+
+    def bind(self, task_names: Sequence[str]) -> None:
+        """Attach the strategy to a model's tasks and create its state (once).
+
+        Re-binding to the same tasks is a no-op, so re-compiling keeps learned state.
+        """
+        task_names = tuple(task_names)
+        if self._task_names is not None:
+            if self._task_names != task_names:
+                raise ValueError(
+                    f"Strategy {self.name!r} is already bound to tasks "
+                    f"{list(self._task_names)}; create a new strategy for tasks "
+                    f"{list(task_names)}."
+                )
+            return
+        if not task_names:
+            raise ValueError("A strategy needs at least one task.")
+        self._task_names = task_names
+        self.build_state(len(task_names))
+        self.built = True
+
+    def build_state(self, num_tasks: int) -> None:
+        """Create the strategy's variables. Override in stateful strategies."""
+
+    def on_epoch_end(self, epoch: int) -> None:
+        """Called eagerly by `BalancedModel.fit` after each epoch (e.g. DWA's history)."""
+
+    def get_config(self):
+        config = super().get_config()
+        for key in ("trainable", "dtype"):
+            config.pop(key, None)
+        return config
+
+    def __repr__(self):
+        params = {k: v for k, v in self.get_config().items() if k != "name"}
+        args = ", ".join(f"{k}={v!r}" for k, v in params.items())
+        return f"{type(self).__name__}({args})"
+
+
+class LossWeighting(Strategy):
+    """Weights computed from the task losses; one backward pass of sum_k w_k L_k.
+
+    Subclasses implement `loss_weights`. The weights are used as given: a strategy whose
+    weights must not receive gradient (most of them) wraps them in `tf.stop_gradient`; a
+    strategy that learns its weights with the model (uncertainty weighting) leaves them
+    differentiable and owns trainable variables, which the model's optimizer updates.
+    """
+
+    family = "loss"
+
+    #: When True, `BalancedModel` calls `update_after_step(losses_before, losses_after)`
+    #: after each optimizer update, with the same batch's task losses recomputed by one
+    #: extra forward pass (FAMO needs this).
+    uses_post_step_losses: bool = False
+    #: When True, `BalancedModel` calls `update_with_gradient_norms(norms, losses)` with
+    #: each task's gradient norm at one shared layer (GradNorm needs this); the strategy's
+    #: `layer` attribute names the layer, None for the last shared layer.
+    uses_layer_gradients: bool = False
+
+    def loss_weights(self, losses: tf.Tensor) -> tf.Tensor:
+        """(K,) task losses -> (K,) weights. Called inside the model's gradient tape."""
+        raise NotImplementedError
+
+    def extra_loss(self, losses: tf.Tensor) -> tf.Tensor | None:
+        """An extra scalar term added to the objective (e.g. a log-variance penalty)."""
+        return None
+
+
+class GramianWeighting(Strategy):
+    """Weights computed from the K x K Gramian of the task gradients.
+
+    The model computes each task's gradient on the shared parameters (rows of J), passes
+    G = J J^T and the task losses to `gramian_weights`, and applies J^T w to the shared
+    parameters. Head-specific parameters receive their own task's gradient.
+    """
+
+    family = "gramian"
+
+    def gramian_weights(self, gramian: tf.Tensor, losses: tf.Tensor) -> tf.Tensor:
+        """(K, K) Gramian and (K,) losses -> (K,) weights."""
+        raise NotImplementedError
+
+    def extra_loss(self, losses: tf.Tensor) -> tf.Tensor | None:
+        """A scalar whose gradient trains the strategy's own trainable variables."""
+        return None
+
+
+class JacobianAggregator(Strategy):
+    """A direction computed from the full (K, P) Jacobian of the task gradients."""
+
+    family = "jacobian"
+
+    def aggregate(self, jacobian: tf.Tensor, losses: tf.Tensor):
+        """(K, P) Jacobian and (K,) losses -> ((P,) direction, (K,) effective weights)."""
+        raise NotImplementedError
+
+    def extra_loss(self, losses: tf.Tensor) -> tf.Tensor | None:
+        return None
+
+
+# -- hyper-parameter validation, shared by all strategies ---------------------------------
+
+
+def check_number(name: str, value, *, minimum=None, maximum=None, strict=False,
+                 integer=False):
+    """Validate a scalar hyper-parameter and return it as float (or int)."""
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+        integer and not float(value).is_integer()
+    ):
+        raise TypeError(f"`{name}` must be {kind}; got {value!r}.")
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be finite; got {value!r}.")
+    if minimum is not None and (value <= minimum if strict else value < minimum):
+        bound = ">" if strict else ">="
+        raise ValueError(f"`{name}` must be {bound} {minimum}; got {value!r}.")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"`{name}` must be <= {maximum}; got {value!r}.")
+    return int(value) if integer else float(value)
+
+
+def check_choice(name: str, value, choices):
+    if value not in choices:
+        raise ValueError(
+            f"`{name}` must be one of {', '.join(map(repr, choices))}; got {value!r}."
+        )
+    return value
+
+
+def resolve_per_task(name: str, value, task_names, *, default, validate):
+    """Expand a per-task setting (scalar, list in task order, or dict by task name).
+
+    Returns a list in task order. Unknown or missing task names and wrong lengths raise
+    errors that list the model's tasks.
+    """
+    task_names = list(task_names)
+    if value is None:
+        return [default] * len(task_names)
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - set(task_names))
+        if unknown:
+            raise ValueError(
+                f"`{name}` names unknown task(s) {unknown}; the model's tasks are "
+                f"{task_names}."
+            )
+        values = [value.get(task, default) for task in task_names]
+    elif isinstance(value, Sequence) and not isinstance(value, str):
+        if len(value) != len(task_names):
+            raise ValueError(
+                f"`{name}` has {len(value)} entries but the model has "
+                f"{len(task_names)} tasks {task_names}; give one per task or a dict "
+                "by task name."
+            )
+        values = list(value)
+    else:
+        values = [value] * len(task_names)
+    return [validate(f"{name}[{task!r}]", v) for task, v in zip(task_names, values)]

@@ -1,0 +1,187 @@
+"""Per-task losses: which output is a task, its loss function and its compile weight.
+
+`keras.Model.compile` sums the per-output losses; balancing needs them one by one. `TaskLosses`
+resolves `compile(loss=..., loss_weights=...)` with Keras' conventions (a dict by output name,
+a list in output order, or one loss for every output; `None` leaves an output untrained) and
+computes the K task losses from `y_true`, `y_pred` and sample weights of the same structures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import keras
+from keras.src.trainers.compile_utils import get_loss
+
+from lossbalance.strategies.base import check_number
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str  # output name; also the prefix of its logs (`<name>_loss`, `<name>_weight`)
+    position: int  # index among the model's outputs, used when data come as lists
+    loss_fn: keras.losses.Loss | str  # a str only for Keras' data-dependent "crossentropy"
+    loss_weight: float  # compile(loss_weights=...), 1 by default
+
+
+def _is_sequence(value) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
+# "crossentropy" picks binary, sparse or categorical from the data, as in Keras.
+_DATA_DEPENDENT_LOSSES = ("crossentropy", "ce")
+
+
+def resolve_loss(identifier, where: str, y_true=None, y_pred=None) -> keras.losses.Loss:
+    """A Keras `Loss` object (with batch reduction) from a name, function or Loss."""
+    if isinstance(identifier, keras.losses.Loss):
+        return identifier
+    try:
+        return get_loss(identifier, y_true, y_pred)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"Unknown loss {identifier!r} for {where}: {error}") from None
+
+
+def _is_data_dependent(identifier) -> bool:
+    return isinstance(identifier, str) and identifier.lower() in _DATA_DEPENDENT_LOSSES
+
+
+class TaskLosses:
+    """The model's tasks and how to compute each task's loss.
+
+    Args:
+        loss: as for `keras.Model.compile`.
+        loss_weights: None, a list in output order, or a dict by output name.
+        output_names: the model's output names in order, or None when they are not known
+            yet (an unbuilt subclassed model); then `loss` must be a dict or a list.
+    """
+
+    def __init__(self, loss, loss_weights=None, output_names=None):
+        if loss is None:
+            raise ValueError(
+                "BalancedModel.compile() needs a `loss`: one loss for every output, a list "
+                "in output order, or a dict by output name, e.g. "
+                "loss={'class': 'sparse_categorical_crossentropy', 'value': 'mse'}."
+            )
+        names = list(output_names) if output_names is not None else None
+        if isinstance(loss, Mapping):
+            if names is None:
+                names = list(loss)
+            unknown = sorted(set(loss) - set(names))
+            if unknown:
+                raise ValueError(
+                    f"`loss` names output(s) {unknown} that the model does not have; its "
+                    f"outputs are {names}."
+                )
+            missing = [n for n in names if n not in loss]
+            if missing:
+                raise ValueError(
+                    f"`loss` has no entry for output(s) {missing}; give every output a "
+                    "loss, or None to leave it untrained."
+                )
+            per_output = [loss[n] for n in names]
+        elif _is_sequence(loss):
+            if names is None:
+                names = [f"output_{i}" for i in range(len(loss))]
+            if len(loss) != len(names):
+                raise ValueError(
+                    f"`loss` has {len(loss)} entries but the model has {len(names)} "
+                    f"outputs {names}; give one loss per output (None to skip one)."
+                )
+            per_output = list(loss)
+        else:
+            if names is None:
+                raise ValueError(
+                    "The model's outputs are not known yet, so a single `loss` cannot be "
+                    "matched to them. Build the model first (call it on a batch), or pass "
+                    "`loss` as a dict by output name."
+                )
+            per_output = [loss] * len(names)
+
+        weights = self._resolve_loss_weights(loss_weights, names)
+        self.num_outputs = len(names)
+        self.tasks = tuple(
+            Task(name, i, spec if _is_data_dependent(spec)
+                 else resolve_loss(spec, f"output {name!r}"), weights[i])
+            for i, (name, spec) in enumerate(zip(names, per_output))
+            if spec is not None
+        )
+        if not self.tasks:
+            raise ValueError("Every output's loss is None: there is nothing to train.")
+
+    @staticmethod
+    def _resolve_loss_weights(loss_weights, names):
+        if loss_weights is None:
+            return [1.0] * len(names)
+        if isinstance(loss_weights, Mapping):
+            unknown = sorted(set(loss_weights) - set(names))
+            if unknown:
+                raise ValueError(
+                    f"`loss_weights` names output(s) {unknown} that the model does not "
+                    f"have; its outputs are {names}."
+                )
+            raw = [loss_weights.get(n, 1.0) for n in names]
+        elif _is_sequence(loss_weights):
+            if len(loss_weights) != len(names):
+                raise ValueError(
+                    f"`loss_weights` has {len(loss_weights)} entries but the model has "
+                    f"{len(names)} outputs {names}."
+                )
+            raw = list(loss_weights)
+        elif len(names) == 1:
+            raw = [loss_weights]
+        else:
+            raise ValueError(
+                "`loss_weights` must be a list in output order or a dict by output name; "
+                f"got {loss_weights!r}."
+            )
+        return [check_number(f"loss_weights[{n!r}]", w, minimum=0.0)
+                for n, w in zip(names, raw)]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(task.name for task in self.tasks)
+
+    @property
+    def loss_weights(self) -> list[float]:
+        return [task.loss_weight for task in self.tasks]
+
+    def _select(self, structure, task: Task, what: str):
+        """The part of `y_true`, `y_pred` or `sample_weight` that belongs to `task`."""
+        if isinstance(structure, Mapping):
+            if task.name not in structure:
+                raise ValueError(
+                    f"{what} has no entry for task {task.name!r} (keys: "
+                    f"{sorted(structure)}); give one per task, keyed by output name."
+                )
+            return structure[task.name]
+        if _is_sequence(structure):
+            if len(structure) != self.num_outputs:
+                raise ValueError(
+                    f"{what} has {len(structure)} entries but the model has "
+                    f"{self.num_outputs} outputs; give one per output, in output order, "
+                    "or a dict by output name."
+                )
+            return structure[task.position]
+        if self.num_outputs != 1 and what != "sample_weight":
+            raise ValueError(
+                f"{what} is a single array but the model has {self.num_outputs} outputs "
+                f"{list(self.names)}; give a dict by output name or a list in output order."
+            )
+        return structure
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        """The K task losses, unweighted, in task order (a list of scalar tensors)."""
+        losses = []
+        for task in self.tasks:
+            target = self._select(y_true, task, "y (the targets)")
+            prediction = self._select(y_pred, task, "The model's output")
+            weight = None
+            if sample_weight is not None:
+                weight = self._select(sample_weight, task, "sample_weight")
+            loss_fn = task.loss_fn
+            if isinstance(loss_fn, str):
+                loss_fn = resolve_loss(loss_fn, f"output {task.name!r}", target, prediction)
+            losses.append(loss_fn(target, prediction, weight))
+        return losses

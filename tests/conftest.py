@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny two-head models and data, built once per test where possible."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import lossbalance  # noqa: E402
+
+
+def make_trunk_model(cls=None, *, inputs=8, hidden=16, classes=3, seed=0, dict_outputs=True):
+    """The classic architecture in miniature: a shared Dense trunk, a classifier head
+    ("cls", logits) and a regressor head ("reg")."""
+    cls = cls or lossbalance.BalancedModel
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((inputs,), name="x")
+    h = keras.layers.Dense(hidden, activation="tanh", name="trunk")(x)
+    cls_out = keras.layers.Dense(classes, name="cls")(h)
+    reg_out = keras.layers.Dense(1, name="reg")(h)
+    outputs = {"cls": cls_out, "reg": reg_out} if dict_outputs else [cls_out, reg_out]
+    return cls(x, outputs)
+
+
+TWO_HEAD_LOSS = {
+    "cls": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    "reg": "mse",
+}
+
+
+@pytest.fixture(scope="session")
+def two_head_data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 8)).astype("float32")
+    y = {
+        "cls": rng.integers(0, 3, size=64),
+        "reg": (x[:, :1] * 2.0 + 0.1 * rng.normal(size=(64, 1))).astype("float32"),
+    }
+    return x, y

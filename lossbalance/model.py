@@ -209,7 +209,7 @@ class BalancedModel(keras.Model):
             y_pred = self(x, training=True)
             raw_losses = self._task_losses(y, y_pred, sample_weight)
             compile_weights = tf.constant(self._task_losses.loss_weights, raw_losses[0].dtype)
-            losses = compile_weights * tf.stack(raw_losses)
+            losses = strategy.transform_losses(compile_weights * tf.stack(raw_losses))
             # Per-task tensors for tape.gradient must be sliced inside the tape.
             task_losses = tf.unstack(losses)
             regularization = self._regularization_loss()
@@ -218,14 +218,24 @@ class BalancedModel(keras.Model):
             if per_task:
                 scaled = [self.optimizer.scale_loss(loss) for loss in task_losses]
                 scaled_other = None if other is None else self.optimizer.scale_loss(other)
+                # The strategy's own trainable variables (e.g. learned loss scales) follow
+                # the plain sum of the transformed losses and its extra term.
+                scaled_own = self.optimizer.scale_loss(_add(tf.reduce_sum(losses), extra))
             else:
                 weights = strategy.loss_weights(losses)
                 objective = _add(tf.reduce_sum(weights * losses), other)
                 scaled_objective = self.optimizer.scale_loss(objective)
 
         if per_task:
-            grads, weights = self._combine_task_gradients(
-                tape, scaled, scaled_other, losses, variables)
+            own = strategy.trainable_variables
+            own_ids = {id(v) for v in own}
+            model_variables = [v for v in variables if id(v) not in own_ids]
+            model_grads, weights = self._combine_task_gradients(
+                tape, scaled, scaled_other, losses, model_variables)
+            by_id = dict(zip(map(id, model_variables), model_grads))
+            if own:
+                by_id.update(zip(map(id, own), tape.gradient(scaled_own, own)))
+            grads = [by_id[id(v)] for v in variables]
             objective = _add(tf.reduce_sum(tf.stop_gradient(weights) * losses), other)
         else:
             grads = tape.gradient(scaled_objective, variables)

@@ -75,6 +75,14 @@ class Strategy(keras.layers.Layer):
     def build_state(self, num_tasks: int) -> None:
         """Create the strategy's variables. Override in stateful strategies."""
 
+    def transform_losses(self, losses: tf.Tensor) -> tf.Tensor:
+        """(K,) task losses -> the (K,) losses the strategy balances (default: unchanged).
+
+        Called inside the gradient tape, so a transform may depend on the strategy's
+        trainable variables (IMTL-L's learned scales) or be non-linear (log losses).
+        """
+        return losses
+
     def on_epoch_end(self, epoch: int) -> None:
         """Called eagerly by `BalancedModel.fit` after each epoch (e.g. DWA's history)."""
 

@@ -38,6 +38,24 @@ def _add(a, b):
     return a if b is None else a + b
 
 
+def _transformed_task_losses(strategy, losses):
+    """Each task's loss after `strategy.transform_losses`, as K separate tensors.
+
+    Gradients are taken of every task's loss separately, and which variables a task reaches
+    decides what is shared. Slicing one stacked vector would connect every task to every
+    head (with zero gradients), so task k's transform sees the other losses only through
+    `tf.stop_gradient`. Computed inside the tape.
+    """
+    if type(strategy).transform_losses is strategies.Strategy.transform_losses:
+        return list(losses)
+    transformed = []
+    for k in range(len(losses)):
+        isolated = tf.stack([loss if j == k else tf.stop_gradient(loss)
+                             for j, loss in enumerate(losses)])
+        transformed.append(strategy.transform_losses(isolated)[k])
+    return transformed
+
+
 @keras.saving.register_keras_serializable(package="lossbalance")
 class BalancedModel(keras.Model):
     """A `keras.Model` that balances its tasks with a strategy chosen at `compile`.
@@ -203,15 +221,15 @@ class BalancedModel(keras.Model):
         strategy = self.strategy
         uses_layer = getattr(strategy, "uses_layer_gradients", False)
         per_task = strategy.family != "loss"
-        variables = self.trainable_variables
 
         with tf.GradientTape(persistent=per_task or uses_layer) as tape:
             y_pred = self(x, training=True)
+            variables = self.trainable_variables  # after the call: it builds subclassed models
             raw_losses = self._task_losses(y, y_pred, sample_weight)
             compile_weights = tf.constant(self._task_losses.loss_weights, raw_losses[0].dtype)
-            losses = strategy.transform_losses(compile_weights * tf.stack(raw_losses))
-            # Per-task tensors for tape.gradient must be sliced inside the tape.
-            task_losses = tf.unstack(losses)
+            task_losses = _transformed_task_losses(strategy, [
+                w * loss for w, loss in zip(self._task_losses.loss_weights, raw_losses)])
+            losses = tf.stack(task_losses)
             regularization = self._regularization_loss()
             extra = strategy.extra_loss(losses)
             other = _add(regularization, extra)

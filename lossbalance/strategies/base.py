@@ -18,11 +18,16 @@ calls `bind(task_names)`, which creates that state; invalid hyper-parameters rai
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 
 import keras
 import tensorflow as tf
+
+
+# Keyword arguments a strategy passes on to `keras.layers.Layer` (from saved configs).
+_LAYER_ARGUMENTS = frozenset({"dtype", "trainable", "autocast"})
 
 
 class Strategy(keras.layers.Layer):
@@ -34,6 +39,14 @@ class Strategy(keras.layers.Layer):
     family: str = ""
 
     def __init__(self, name=None, **kwargs):
+        unknown = sorted(set(kwargs) - _LAYER_ARGUMENTS)
+        if unknown:
+            accepted = [p for p in inspect.signature(type(self).__init__).parameters
+                        if p not in ("self", "kwargs", "name")]
+            raise TypeError(
+                f"{type(self).__name__} got unknown hyper-parameter(s) {unknown}; its "
+                f"hyper-parameters are {accepted}."
+            )
         super().__init__(name=name or self.registry_name or None, **kwargs)
         self._task_names: tuple[str, ...] | None = None
 
@@ -78,8 +91,9 @@ class Strategy(keras.layers.Layer):
     def transform_losses(self, losses: tf.Tensor) -> tf.Tensor:
         """(K,) task losses -> the (K,) losses the strategy balances (default: unchanged).
 
-        Called inside the gradient tape, so a transform may depend on the strategy's
-        trainable variables (IMTL-L's learned scales) or be non-linear (log losses).
+        Must be element-wise: entry k may depend on losses[k] and the strategy's variables
+        only (IMTL-L's learned scales, log losses), never on another task's loss. Called
+        inside the gradient tape.
         """
         return losses
 

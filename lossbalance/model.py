@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from dataclasses import dataclass
 
 import keras
 import tensorflow as tf
@@ -18,6 +19,8 @@ from keras.src.models.model import Trainer, functional_init_arguments
 
 from lossbalance import strategies
 from lossbalance.gradients import TaskGradients, task_gradients
+from lossbalance.guard import MODES as NONFINITE_MODES
+from lossbalance.guard import NonFiniteCallback, NonFiniteGuard
 from lossbalance.tasks import TaskLosses
 
 
@@ -36,6 +39,15 @@ def _add(a, b):
     if a is None:
         return b
     return a if b is None else a + b
+
+
+@dataclass
+class _ScaledObjectives:
+    """What a gradient-level step differentiates, each scaled for mixed precision."""
+
+    tasks: list  # one scalar per task
+    other: object  # regularisation + strategy term, or None
+    own: object  # objective of the strategy's own trainable variables
 
 
 def _transformed_task_losses(strategy, losses):
@@ -91,6 +103,7 @@ class BalancedModel(keras.Model):
 
     def _init_balancing(self):
         self._task_losses = None
+        self._guard = None
         self._balancing_config = None
 
     # -- compile -------------------------------------------------------------------------
@@ -103,6 +116,7 @@ class BalancedModel(keras.Model):
         metrics=None,
         weighted_metrics=None,
         strategy="fixed",
+        nonfinite=None,
         run_eagerly=False,
         steps_per_execution=1,
         jit_compile="auto",
@@ -118,8 +132,14 @@ class BalancedModel(keras.Model):
             strategy: a registered name (`lossbalance.strategies.available()`), a
                 `Strategy` instance, or a config dict such as `{"name": "cagrad", "c": 0.5}`.
                 Default `"fixed"`: equal weights, exactly stock Keras.
+            nonfinite: None (Keras' behaviour), `"skip"` (a step with a non-finite task
+                loss or gradient changes nothing; `skipped_steps` counts them in the logs)
+                or `"raise"` (that step is skipped, then a `FloatingPointError` names the
+                task and the step).
             The other arguments are passed to `keras.Model.compile`.
         """
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"`nonfinite` must be None, 'skip' or 'raise'; got {nonfinite!r}.")
         task_losses = TaskLosses(loss, loss_weights, self._known_output_names())
         strategy = strategies.get(strategy)
         strategy.bind(task_losses.names)
@@ -142,8 +162,11 @@ class BalancedModel(keras.Model):
             auto_scale_loss=auto_scale_loss,
         )
         self._task_losses = task_losses
+        guard = NonFiniteGuard(nonfinite, task_losses.names,
+                               isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer))
         with self._unlocked_state():
             for old in (getattr(self, "strategy", None),
+                        getattr(self, "_skipped_steps_tracker", None),
                         *getattr(self, "_task_loss_trackers", ()),
                         *getattr(self, "_task_weight_trackers", ())):
                 if old is not None and old is not strategy:
@@ -153,8 +176,10 @@ class BalancedModel(keras.Model):
                 keras.metrics.Mean(name=f"{name}_loss") for name in task_losses.names]
             self._task_weight_trackers = [
                 keras.metrics.Mean(name=f"{name}_weight") for name in task_losses.names]
+            self._skipped_steps_tracker = guard.skipped_steps
+        self._guard = guard
         self._balancing_config = {"loss": loss, "loss_weights": loss_weights,
-                                  "strategy": strategy}
+                                  "strategy": strategy, "nonfinite": nonfinite}
 
     def _known_output_names(self):
         names = getattr(self, "output_names", None)
@@ -218,63 +243,99 @@ class BalancedModel(keras.Model):
     def train_step(self, data):
         self._require_compiled()
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        strategy = self.strategy
-        uses_layer = getattr(strategy, "uses_layer_gradients", False)
-        per_task = strategy.family != "loss"
+        strategy, guard = self.strategy, self._guard
+        if guard.active:  # strategy state is restored if the step turns out non-finite
+            state = strategy.state_variables()
+            snapshot = guard.snapshot(state)
 
-        with tf.GradientTape(persistent=per_task or uses_layer) as tape:
+        # Everything differentiated below is computed inside the tape, scaling included.
+        with tf.GradientTape(persistent=self._needs_persistent_tape()) as tape:
             y_pred = self(x, training=True)
             variables = self.trainable_variables  # after the call: it builds subclassed models
             raw_losses = self._task_losses(y, y_pred, sample_weight)
-            compile_weights = tf.constant(self._task_losses.loss_weights, raw_losses[0].dtype)
             task_losses = _transformed_task_losses(strategy, [
                 w * loss for w, loss in zip(self._task_losses.loss_weights, raw_losses)])
             losses = tf.stack(task_losses)
-            regularization = self._regularization_loss()
             extra = strategy.extra_loss(losses)
-            other = _add(regularization, extra)
-            if per_task:
-                scaled = [self.optimizer.scale_loss(loss) for loss in task_losses]
-                scaled_other = None if other is None else self.optimizer.scale_loss(other)
-                # The strategy's own trainable variables (e.g. learned loss scales) follow
-                # the plain sum of the transformed losses and its extra term.
-                scaled_own = self.optimizer.scale_loss(_add(tf.reduce_sum(losses), extra))
-            else:
+            other = _add(self._regularization_loss(), extra)
+            scale = self.optimizer.scale_loss
+            if strategy.family == "loss":
                 weights = strategy.loss_weights(losses)
                 objective = _add(tf.reduce_sum(weights * losses), other)
-                scaled_objective = self.optimizer.scale_loss(objective)
-
-        if per_task:
-            own = strategy.trainable_variables
-            own_ids = {id(v) for v in own}
-            model_variables = [v for v in variables if id(v) not in own_ids]
-            model_grads, weights = self._combine_task_gradients(
-                tape, scaled, scaled_other, losses, model_variables)
-            by_id = dict(zip(map(id, model_variables), model_grads))
-            if own:
-                by_id.update(zip(map(id, own), tape.gradient(scaled_own, own)))
-            grads = [by_id[id(v)] for v in variables]
-            objective = _add(tf.reduce_sum(tf.stop_gradient(weights) * losses), other)
+                scaled = scale(objective)
+            else:
+                scaled = _ScaledObjectives(
+                    tasks=[scale(loss) for loss in task_losses],
+                    other=None if other is None else scale(other),
+                    # the strategy's own variables follow the sum of the task losses
+                    own=scale(_add(tf.add_n(task_losses), extra)))
+        if strategy.family == "loss":
+            grads = tape.gradient(scaled, variables)
         else:
-            grads = tape.gradient(scaled_objective, variables)
-        if uses_layer:
-            self._update_from_layer_gradients(tape, task_losses, losses, variables)
+            grads, weights = self._task_gradient_update(tape, scaled, losses, variables)
+            objective = _add(tf.reduce_sum(tf.stop_gradient(weights) * losses), other)
+        if getattr(strategy, "uses_layer_gradients", False):
+            self._update_from_layer_gradients(tape, task_losses, variables)
         del tape
-        self.optimizer.apply(grads, variables)
-        if getattr(strategy, "uses_post_step_losses", False):
-            # e.g. FAMO: the same batch's losses after the update (one extra forward pass).
-            after = self._task_losses(y, self(x, training=True), sample_weight)
-            strategy.update_after_step(losses, compile_weights * tf.stack(after))
 
+        def update():
+            self.optimizer.apply(grads, variables)
+            if getattr(strategy, "uses_post_step_losses", False):
+                # e.g. FAMO: the same batch's losses after the update (one forward pass).
+                after = self._task_losses(y, self(x, training=True), sample_weight)
+                strategy.update_after_step(losses, self._compile_weights(losses) * tf.stack(after))
+            return tf.constant(True)
+
+        if guard.active:
+            step = self.optimizer.iterations + 0
+            apply, healthy, bad, losses_ok = guard.decide(raw_losses, grads)
+            if guard.mode is None:
+                update()
+            else:
+                if not self.optimizer.built:
+                    self.optimizer.build(variables)
+                tf.cond(apply, update, lambda: tf.constant(False))
+            guard.finish(healthy, bad, losses_ok, state, snapshot, step)
+        else:
+            update()
+        self._record(x, objective, raw_losses, weights)
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def _needs_persistent_tape(self):
+        return self.strategy.family != "loss" or getattr(
+            self.strategy, "uses_layer_gradients", False)
+
+    def _compile_weights(self, like):
+        return tf.constant(self._task_losses.loss_weights, like.dtype)
+
+    def _record(self, x, objective, raw_losses, weights):
+        """Update the `loss`, `<task>_loss` and `<task>_weight` trackers."""
         batch = _batch_size(x)
         self._loss_tracker.update_state(_unscale_for_distribution(objective),
                                         sample_weight=batch)
+        compile_weights = self._compile_weights(raw_losses[0])
         effective = compile_weights * tf.cast(weights, compile_weights.dtype)
         for k, raw in enumerate(raw_losses):
             self._task_loss_trackers[k].update_state(_unscale_for_distribution(raw),
                                                      sample_weight=batch)
             self._task_weight_trackers[k].update_state(effective[k])
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def _task_gradient_update(self, tape, scaled, losses, variables):
+        """Gradient-level strategies: the update for every trainable variable.
+
+        Model variables get the strategy's combination on shared variables and each task's
+        own gradient on its head; the strategy's own trainable variables (e.g. learned loss
+        scales) follow the plain sum of the (transformed) task losses and its extra term.
+        """
+        own = self.strategy.trainable_variables
+        own_ids = {id(v) for v in own}
+        model_variables = [v for v in variables if id(v) not in own_ids]
+        model_grads, weights = self._combine_task_gradients(
+            tape, scaled.tasks, scaled.other, losses, model_variables)
+        by_id = dict(zip(map(id, model_variables), model_grads))
+        if own:
+            by_id.update(zip(map(id, own), tape.gradient(scaled.own, own)))
+        return [by_id[id(v)] for v in variables], weights
 
     def _regularization_loss(self):
         extra = self.losses
@@ -316,7 +377,7 @@ class BalancedModel(keras.Model):
             shared = gradients.unflatten(direction)
         return gradients.gradients(shared, other_grads), weights
 
-    def _update_from_layer_gradients(self, tape, task_losses, losses, variables):
+    def _update_from_layer_gradients(self, tape, task_losses, variables):
         """GradNorm-style strategies: each task's gradient norm at one shared layer."""
         layer_variables = self._balance_layer_variables(tape, task_losses, variables)
         values = [v.value for v in layer_variables]
@@ -324,7 +385,7 @@ class BalancedModel(keras.Model):
         for task_loss in task_losses:
             grads = [g for g in tape.gradient(task_loss, values) if g is not None]
             norms.append(tf.linalg.global_norm(grads) if grads else tf.zeros(()))
-        self.strategy.update_with_gradient_norms(tf.stack(norms), losses)
+        self.strategy.update_with_gradient_norms(tf.stack(norms), tf.stack(task_losses))
 
     def _balance_layer_variables(self, tape, task_losses, variables):
         name = self.strategy.layer
@@ -376,6 +437,8 @@ class BalancedModel(keras.Model):
     def fit(self, *args, callbacks=None, **kwargs):
         callbacks = list(callbacks or [])
         callbacks.append(_StrategyEpochHook())
+        if self._guard is not None and self._guard.mode == "raise":
+            callbacks.append(NonFiniteCallback(self._guard))
         return super().fit(*args, callbacks=callbacks, **kwargs)
 
 

@@ -88,6 +88,15 @@ class Strategy(keras.layers.Layer):
     def build_state(self, num_tasks: int) -> None:
         """Create the strategy's variables. Override in stateful strategies."""
 
+    def state_variables(self) -> list:
+        """Every variable the strategy's steps may change: its weights, RNG seed states,
+        and the slots of any optimizer it owns (GradNorm's). A skipped step restores them."""
+        variables = list(self.variables)
+        for value in vars(self).values():
+            if isinstance(value, keras.optimizers.Optimizer):
+                variables.extend(value.variables)
+        return variables
+
     def transform_losses(self, losses: tf.Tensor) -> tf.Tensor:
         """(K,) task losses -> the (K,) losses the strategy balances (default: unchanged).
 

@@ -1,0 +1,108 @@
+"""Non-finite losses and gradients: skip the step, or stop with the task's name.
+
+`compile(nonfinite=...)`:
+* `None` (default): Keras' behaviour, no check and no cost.
+* `"skip"`: a step whose task losses or gradients are not finite applies no update: model
+  weights, optimizer slots and strategy state stay exactly as they were. The number of
+  skipped steps is logged as `skipped_steps` (per epoch).
+* `"raise"`: the same step is skipped, then training stops with a `FloatingPointError` that
+  names the task(s) and the step.
+
+Under a `LossScaleOptimizer` (mixed precision) an overflowing gradient is expected and is the
+optimizer's to handle (it skips the step and lowers the scale); it does not count as a
+non-finite step, but the strategy's state is still restored, so overflow never leaks into it.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+MODES = (None, "skip", "raise")
+
+
+def all_finite(tensors) -> tf.Tensor:
+    checks = [tf.reduce_all(tf.math.is_finite(tf.convert_to_tensor(t)))
+              for t in tensors if t is not None]
+    return tf.reduce_all(tf.stack(checks)) if checks else tf.constant(True)
+
+
+class NonFiniteGuard:
+    """Checks one training step and keeps strategy state transactional.
+
+    Args:
+        mode: "skip", "raise" or None.
+        task_names: the model's tasks, for error messages.
+        loss_scaling: whether the optimizer is a `LossScaleOptimizer`.
+    """
+
+    def __init__(self, mode, task_names, loss_scaling):
+        if mode not in MODES:
+            raise ValueError(
+                f"`nonfinite` must be None, 'skip' or 'raise'; got {mode!r}.")
+        self.mode = mode
+        self.task_names = tuple(task_names)
+        self.loss_scaling = loss_scaling
+        self.skipped_steps = keras.metrics.Sum(name="skipped_steps") if mode else None
+        # [step + 1 of the first bad step (0: none), loss-not-finite flag per task]. A plain
+        # tf.Variable: diagnostic state that Keras neither trains nor saves.
+        self.report = tf.Variable(tf.zeros(len(self.task_names) + 1, tf.int64),
+                                  trainable=False, name="nonfinite_report")
+
+    @property
+    def active(self) -> bool:
+        """Whether steps are checked at all (never when there is nothing to do)."""
+        return self.mode is not None or self.loss_scaling
+
+    @staticmethod
+    def snapshot(variables):
+        return [tf.identity(v) for v in variables]
+
+    def decide(self, raw_losses, grads):
+        """(apply the update?, keep the strategy state?, a true non-finite step?)."""
+        losses_ok = tf.math.is_finite(tf.stack(raw_losses))
+        grads_ok = all_finite(grads)
+        healthy = tf.reduce_all(losses_ok) & grads_ok
+        bad = ~tf.reduce_all(losses_ok)
+        if not self.loss_scaling:
+            bad = bad | ~grads_ok
+        apply = ~bad if self.mode is not None else tf.constant(True)
+        return apply, healthy, bad, losses_ok
+
+    def finish(self, healthy, bad, losses_ok, state, snapshot, step):
+        """Restore strategy state after an unhealthy step; count and report bad ones."""
+        for variable, saved in zip(state, snapshot):
+            variable.assign(tf.where(healthy, variable, saved))
+        if self.mode is None:
+            return
+        self.skipped_steps.update_state(tf.cast(bad, tf.float32))
+        first = bad & tf.equal(self.report[0], 0)
+        entry = tf.concat([[tf.cast(step, tf.int64) + 1], tf.cast(~losses_ok, tf.int64)], 0)
+        self.report.assign(tf.where(first, entry, self.report))
+
+    def check_report(self):
+        """Raise for the first recorded non-finite step (in "raise" mode); eager."""
+        report = self.report.numpy()
+        if self.mode != "raise" or report[0] == 0:
+            return
+        self.report.assign(tf.zeros_like(self.report))
+        tasks = [name for name, flag in zip(self.task_names, report[1:]) if flag]
+        what = (f"non-finite loss in task(s) {tasks}" if tasks else
+                "non-finite gradients (every task's loss was finite)")
+        raise FloatingPointError(
+            f"Training step {int(report[0]) - 1} produced {what}. The update was skipped: "
+            "the model, optimizer and strategy are unchanged. Check the targets and "
+            "predictions of the task(s) named, or compile with nonfinite='skip' to skip "
+            "such steps and count them in the logs as `skipped_steps`."
+        )
+
+
+class NonFiniteCallback(keras.callbacks.Callback):
+    """Raises, between batches, for a step that the guard recorded as non-finite."""
+
+    def __init__(self, guard):
+        super().__init__()
+        self.guard = guard
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.guard.check_report()

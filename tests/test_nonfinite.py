@@ -1,0 +1,101 @@
+"""compile(nonfinite=...): a non-finite task loss or gradient never reaches the model."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import TWO_HEAD_LOSS, make_trunk_model
+
+import lossbalance
+
+BATCH = 16
+
+
+def _poisoned(two_head_data, value, batch_index, task="reg"):
+    x, y = two_head_data
+    y = {k: v.copy() for k, v in y.items()}
+    rows = slice(batch_index * BATCH, (batch_index + 1) * BATCH)
+    y[task] = y[task].astype("float32")
+    y[task][rows] = value
+    return x, y, rows
+
+
+def _without(x, y, rows):
+    keep = np.ones(len(x), bool)
+    keep[rows] = False
+    return x[keep], {k: v[keep] for k, v in y.items()}
+
+
+def _state(model):
+    return [v.numpy() for v in model.weights] + [v.numpy() for v in model.optimizer.variables] \
+        + [v.numpy() for v in model.strategy.state_variables()]
+
+
+@pytest.mark.parametrize("strategy", ["fixed", "uncertainty", "gradnorm", "pcgrad"])
+def test_skip_leaves_model_optimizer_and_strategy_untouched(two_head_data, strategy):
+    """Training through a poisoned batch with nonfinite='skip' ends exactly where training
+    on the data without that batch ends: weights, optimizer slots and strategy state."""
+    x, y, rows = _poisoned(two_head_data, np.nan, batch_index=1)
+    skipping = make_trunk_model()
+    skipping.compile(optimizer="adam", loss=TWO_HEAD_LOSS, strategy=strategy,
+                     nonfinite="skip")
+    history = skipping.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    assert history.history["skipped_steps"] == [1.0]
+
+    clean = make_trunk_model()
+    clean.compile(optimizer="adam", loss=TWO_HEAD_LOSS, strategy=strategy, nonfinite="skip")
+    x_clean, y_clean = _without(x, y, rows)
+    history = clean.fit(x_clean, y_clean, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    assert history.history["skipped_steps"] == [0.0]
+
+    assert int(skipping.optimizer.iterations) == int(clean.optimizer.iterations) == 3
+    for a, b in zip(_state(skipping), _state(clean)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_raise_names_the_task_and_step_and_keeps_the_model(two_head_data, value):
+    x, y, rows = _poisoned(two_head_data, value, batch_index=2)
+    model = make_trunk_model()
+    model.compile(optimizer="adam", loss=TWO_HEAD_LOSS, strategy="uncertainty",
+                  nonfinite="raise")
+    with pytest.raises(FloatingPointError, match=r"task\(s\) \['reg'\]") as info:
+        model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    assert "step 2" in str(info.value)
+    assert all(np.all(np.isfinite(w)) for w in model.get_weights())
+
+    reference = make_trunk_model()
+    reference.compile(optimizer="adam", loss=TWO_HEAD_LOSS, strategy="uncertainty")
+    reference.fit(x[:2 * BATCH], {k: v[:2 * BATCH] for k, v in y.items()},
+                  batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
+    for a, b in zip(model.get_weights(), reference.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_nonfinite_predictions_are_caught(two_head_data):
+    """A head that predicts NaN for some inputs (log of a negative number)."""
+    x, y = two_head_data
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8,))
+    h = keras.layers.Dense(16, activation="tanh", name="trunk")(inputs)
+    reg = keras.layers.Dense(1, name="reg_linear")(h)
+    reg = keras.layers.Lambda(lambda t: tf.math.log(t), name="reg")(reg)
+    model = lossbalance.BalancedModel(inputs, {"cls": keras.layers.Dense(3, name="cls")(h),
+                                               "reg": reg})
+    model.compile(optimizer="sgd", loss=TWO_HEAD_LOSS, strategy="pcgrad", nonfinite="raise")
+    with pytest.raises(FloatingPointError, match=r"\['reg'\]"):
+        model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
+
+
+def test_default_keeps_keras_behaviour(two_head_data):
+    x, y, _ = _poisoned(two_head_data, np.nan, batch_index=0)
+    model = make_trunk_model()
+    model.compile(optimizer="sgd", loss=TWO_HEAD_LOSS)
+    history = model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
+    assert "skipped_steps" not in history.history
+    assert np.isnan(history.history["loss"][0])
+
+
+def test_invalid_mode_is_refused():
+    with pytest.raises(ValueError, match="nonfinite"):
+        make_trunk_model().compile(optimizer="sgd", loss=TWO_HEAD_LOSS, nonfinite="ignore")

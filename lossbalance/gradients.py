@@ -43,6 +43,9 @@ class TaskGradients:
         ]
         self.shared = [i for i, tasks in enumerate(reached_by) if len(tasks) >= 2]
         self.owner = {i: tasks[0] for i, tasks in enumerate(reached_by) if len(tasks) == 1}
+        shared_reach = {k for i in self.shared for k in reached_by[i]}
+        #: Tasks that reach no shared variable (their row of J is zero).
+        self.tasks_without_shared = [k for k in range(self.num_tasks) if k not in shared_reach]
         # (K, *shape) per shared variable; a task that does not reach it contributes zeros.
         self.stacked = {
             i: tf.stack([

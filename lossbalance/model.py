@@ -356,6 +356,14 @@ class BalancedModel(keras.Model):
                 f"for strategy {self.strategy.registry_name!r} to balance: the heads share "
                 "no trunk. Check that every head is built on the shared layers."
             )
+        detached = [self._task_losses.names[k] for k in gradients.tasks_without_shared]
+        if detached:
+            raise ValueError(
+                f"Task(s) {detached} do not depend on any variable shared with the other "
+                f"tasks, so strategy {self.strategy.registry_name!r} cannot balance them "
+                "against the others. Build every head on the shared trunk, or train such "
+                "a task separately."
+            )
         other_grads = None
         if scaled_other is not None:
             other_grads = tape.gradient(scaled_other, [v.value for v in variables])

@@ -442,6 +442,28 @@ class BalancedModel(keras.Model):
         weight_names = {t.name for t in self._task_weight_trackers}
         return {k: v for k, v in logs.items() if k not in weight_names}
 
+    def skip_batches(self, count: int) -> None:
+        """Consume the next `count` training batches without training on them (used by
+        `lossbalance.callbacks.BackupAndRestore` to resume mid-epoch exactly)."""
+        self._batches_to_skip = int(count)
+
+    def make_train_function(self, force=False):
+        if self.train_function is not None and not force:
+            return self.train_function
+        super().make_train_function(force=True)
+        train = self.train_function
+
+        def train_or_skip(iterator):
+            if getattr(self, "_batches_to_skip", 0) > 0:
+                self._batches_to_skip -= self.steps_per_execution
+                for _ in range(self.steps_per_execution):
+                    next(iterator)
+                return self.get_metrics_result()
+            return train(iterator)
+
+        self.train_function = train_or_skip
+        return train_or_skip
+
     def fit(self, *args, callbacks=None, **kwargs):
         callbacks = list(callbacks or [])
         callbacks.append(_StrategyEpochHook())

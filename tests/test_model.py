@@ -156,20 +156,20 @@ def test_save_and_load_keeps_strategy_and_state(tmp_path, two_head_data, strateg
 
     assert type(loaded.strategy) is type(model.strategy)
     assert loaded.strategy.get_config() == model.strategy.get_config()
-    state = {v.path: v.numpy() for v in model.strategy.weights}
-    loaded_state = {v.path: v.numpy() for v in loaded.strategy.weights}
-    assert state.keys() == loaded_state.keys()
-    for key in state:
-        np.testing.assert_array_equal(loaded_state[key], state[key], err_msg=key)
+    state = [v.numpy() for v in model.strategy.weights]
+    loaded_state = [v.numpy() for v in loaded.strategy.weights]
+    assert len(state) == len(loaded_state) > 0
+    for saved, restored in zip(state, loaded_state):
+        np.testing.assert_array_equal(restored, saved)
     if strategy == "uncertainty":  # the learned variances moved and came back
-        assert np.any(state[model.strategy.log_variance.path] != 0)
+        assert np.any(model.strategy.log_variance.numpy() != 0)
     if strategy == "gradnorm":
         assert int(loaded.strategy.weight_optimizer.iterations) == 8
     assert _max_weight_difference(model, loaded) == 0.0
     assert int(loaded.optimizer.iterations) == int(model.optimizer.iterations)
 
-    # Both continue identically.
+    # Both continue identically (pcgrad's random task orders included: its RNG state is
+    # part of the saved state).
     for m in (model, loaded):
         m.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
-    if strategy != "pcgrad":  # pcgrad's task order is random: its RNG state is compared above
-        assert _max_weight_difference(model, loaded) < 1e-6
+    assert _max_weight_difference(model, loaded) < 1e-6

@@ -88,6 +88,17 @@ class Strategy(keras.layers.Layer):
     def build_state(self, num_tasks: int) -> None:
         """Create the strategy's variables. Override in stateful strategies."""
 
+    def add_seed_generator(self, seed=None) -> keras.random.SeedGenerator:
+        """A Keras `SeedGenerator` whose state is saved and restored with the model.
+
+        Keras saves no `SeedGenerator` state by itself; tracking it as a non-trainable
+        weight makes a resumed run draw the same random numbers as an uninterrupted one.
+        `keras.utils.set_random_seed` seeds it when `seed` is None.
+        """
+        generator = keras.random.SeedGenerator(seed)
+        self._track_variable(generator.state)
+        return generator
+
     def state_variables(self) -> list:
         """Every variable the strategy's steps may change: its weights, RNG seed states,
         and the slots of any optimizer it owns (GradNorm's). A skipped step restores them."""
@@ -95,7 +106,8 @@ class Strategy(keras.layers.Layer):
         for value in vars(self).values():
             if isinstance(value, keras.optimizers.Optimizer):
                 variables.extend(value.variables)
-        return variables
+        unique = {id(v): v for v in variables}
+        return list(unique.values())
 
     def transform_losses(self, losses: tf.Tensor) -> tf.Tensor:
         """(K,) task losses -> the (K,) losses the strategy balances (default: unchanged).

@@ -338,10 +338,12 @@ class BalancedModel(keras.Model):
         return [by_id[id(v)] for v in variables], weights
 
     def _regularization_loss(self):
+        """`add_loss` and regulariser terms, aggregated as Keras does (under tf.distribute
+        Keras divides them by the replica count, as it does the task losses)."""
         extra = self.losses
         if not extra:
             return None
-        return tf.add_n([tf.cast(tf.reduce_sum(l), keras.backend.floatx()) for l in extra])
+        return tf.add_n([self._aggregate_additional_loss(loss) for loss in extra])
 
     def _combine_task_gradients(self, tape, scaled_losses, scaled_other, losses, variables):
         """Gradient-level strategies: per-task gradients, combined on shared variables.

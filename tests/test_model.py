@@ -173,3 +173,29 @@ def test_save_and_load_keeps_strategy_and_state(tmp_path, two_head_data, strateg
     for m in (model, loaded):
         m.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
     assert _max_weight_difference(model, loaded) < 1e-6
+
+
+def test_regularization_losses_are_added_once_as_in_keras():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(32, 4)).astype("float32")
+    y = {"a": rng.normal(size=(32, 1)).astype("float32"),
+         "b": rng.normal(size=(32, 1)).astype("float32")}
+
+    def build(cls):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((4,))
+        h = keras.layers.Dense(8, kernel_regularizer="l2", name="trunk")(inputs)
+        return cls(inputs, {"a": keras.layers.Dense(1, activity_regularizer="l1", name="a")(h),
+                            "b": keras.layers.Dense(1, name="b")(h)})
+
+    stock, balanced = build(keras.Model), build(lossbalance.BalancedModel)
+    stock.compile(optimizer="sgd", loss="mse")
+    balanced.compile(optimizer="sgd", loss="mse", strategy="pcgrad")  # reg joins J^T w + reg
+    balanced_fixed = build(lossbalance.BalancedModel)
+    balanced_fixed.compile(optimizer="sgd", loss="mse")
+    for model in (stock, balanced, balanced_fixed):
+        model.fit(x, y, batch_size=32, epochs=3, shuffle=False, verbose=0)
+    assert _max_weight_difference(stock, balanced_fixed) < 1e-6
+    np.testing.assert_allclose(balanced_fixed.evaluate(x, y, verbose=0),
+                               stock.evaluate(x, y, verbose=0), rtol=1e-6)
+    assert all(np.all(np.isfinite(w)) for w in balanced.get_weights())

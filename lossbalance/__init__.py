@@ -5,9 +5,19 @@
                   "reg": "mse"}, strategy="pcgrad")
 """
 
-from lossbalance import strategies
+from lossbalance import solvers, strategies
+from lossbalance.aggregation import aggregate, aggregate_with_weights, task_weights
 from lossbalance.model import BalancedModel, FunctionalBalancedModel
 
 __version__ = "0.1.0"
 
-__all__ = ["BalancedModel", "FunctionalBalancedModel", "strategies", "__version__"]
+__all__ = [
+    "BalancedModel",
+    "FunctionalBalancedModel",
+    "aggregate",
+    "aggregate_with_weights",
+    "solvers",
+    "strategies",
+    "task_weights",
+    "__version__",
+]

@@ -18,8 +18,42 @@ from lossbalance.strategies.fixed import FixedWeights  # noqa: E402
 from lossbalance.strategies.gradnorm import GradNorm  # noqa: E402
 from lossbalance.strategies.pcgrad import PCGrad  # noqa: E402
 from lossbalance.strategies.uncertainty import UncertaintyWeighting  # noqa: E402
+from lossbalance.strategies.aligned_mtl import AlignedMTL  # noqa: E402
+from lossbalance.strategies.cagrad import CAGrad  # noqa: E402
+from lossbalance.strategies.conflict_free import ConFIG  # noqa: E402
+from lossbalance.strategies.db_mtl import DBMTL  # noqa: E402
+from lossbalance.strategies.dual_cone import DualProj, UPGrad  # noqa: E402
+from lossbalance.strategies.excess_mtl import ExcessMTL  # noqa: E402
+from lossbalance.strategies.fairgrad import FairGrad  # noqa: E402
+from lossbalance.strategies.graddrop import GradDrop  # noqa: E402
+from lossbalance.strategies.gradvac import GradVac  # noqa: E402
+from lossbalance.strategies.imtl import IMTL, IMTLG  # noqa: E402
+from lossbalance.strategies.mgda import MGDA  # noqa: E402
+from lossbalance.strategies.moco import MoCo  # noqa: E402
+from lossbalance.strategies.nash_mtl import NashMTL  # noqa: E402
+from lossbalance.strategies.parameter_state import ParameterStateAggregator  # noqa: E402
+from lossbalance.strategies.reference import Mean, RandomWeights, Sum  # noqa: E402
 
 __all__ = [
+    "AlignedMTL",
+    "CAGrad",
+    "ConFIG",
+    "DBMTL",
+    "DualProj",
+    "ExcessMTL",
+    "FairGrad",
+    "GradDrop",
+    "GradVac",
+    "IMTL",
+    "IMTLG",
+    "MGDA",
+    "Mean",
+    "MoCo",
+    "NashMTL",
+    "ParameterStateAggregator",
+    "RandomWeights",
+    "Sum",
+    "UPGrad",
     "FixedWeights",
     "GradNorm",
     "GramianWeighting",

@@ -1,0 +1,80 @@
+"""DB-MTL: dual-balancing multi-task learning (Lin et al., 2023)."""
+
+import tensorflow as tf
+
+from lossbalance.strategies.base import check_number
+from lossbalance.strategies.parameter_state import ParameterStateAggregator
+from lossbalance.strategies.registry import register
+
+
+@register("db_mtl", aliases=("dbmtl",))
+class DBMTL(ParameterStateAggregator):
+    """Balance loss scales with a log transform and gradient scales by the largest norm.
+
+    Formula: loss-scale balancing trains on log(L_k + eps) (`transform_losses`), so each
+    task's gradient is g_k = grad L_k / (L_k + eps). Gradient-magnitude balancing keeps a
+    moving average of each task's gradient and rescales all of them to the largest norm:
+        m_k <- g_k + beta_t (m_k - g_k),   beta_t = beta / t^beta_sigma  (m_k starts at 0),
+        update = sum_k (max_j |m_j| / |m_k|) m_k.
+
+    Defaults, the authors' code (LibMTL): beta=0.9, beta_sigma=0.5, eps=1e-8. With beta=0
+    no moving average is kept (m_k = g_k) and the method needs no per-parameter state.
+    The logged `<task>_loss` stays the raw loss; the objective logged as `loss` is the sum
+    of weighted log losses. The moving averages M (K x P) are sized by the shared parameter
+    count, so they are created by `build_parameter_state(P)`
+    on first use from the Jacobian's width, and
+    rebuilt from the config (`num_parameters`) when a saved model loads.
+
+    Args:
+        beta: moving-average rate, in [0, 1).
+        beta_sigma: its decay exponent (>= 0).
+        eps: added to the loss inside the log (> 0).
+
+    Reference: B. Lin, W. Jiang, F. Ye, Y. Zhang, P. Chen, Y.-C. Chen, S. Liu, J. T. Kwok,
+    "Dual-Balancing for Multi-Task Learning", arXiv:2308.12029, 2023.
+    """
+
+    def __init__(self, beta=0.9, beta_sigma=0.5, eps=1e-8, **kwargs):
+        super().__init__(**kwargs)
+        self.beta = check_number("beta", beta, minimum=0.0)
+        if self.beta >= 1.0:
+            raise ValueError(f"`beta` must be < 1; got {beta!r}.")
+        self.beta_sigma = check_number("beta_sigma", beta_sigma, minimum=0.0)
+        self.eps = check_number("eps", eps, minimum=0.0, strict=True)
+
+    @property
+    def needs_parameter_state(self):
+        return self.beta > 0
+
+    def build_state(self, num_tasks):
+        self.step = self.add_weight(shape=(), name="step", initializer="zeros",
+                                    trainable=False, aggregation="only_first_replica")
+
+    def create_parameter_state(self, num_tasks, num_parameters):
+        self.moving_gradients = self.add_weight(
+            shape=(num_tasks, num_parameters), name="moving_gradients",
+            initializer="zeros", trainable=False, aggregation="only_first_replica")
+
+    def transform_losses(self, losses):
+        return tf.math.log(tf.maximum(losses, 0.0) + self.eps)
+
+    def aggregate(self, jacobian, losses):
+        self.check_parameter_state(jacobian)
+        j = tf.convert_to_tensor(jacobian)
+        dtype = j.dtype
+        j = tf.where(tf.math.is_finite(j), j, tf.zeros_like(j))
+        self.step.assign_add(1.0)
+        if self.needs_parameter_state:
+            beta = self.beta / tf.cast(self.step, dtype) ** self.beta_sigma
+            m = tf.cast(self.moving_gradients, dtype)
+            m = j + beta * (m - j)
+            self.moving_gradients.assign(tf.cast(m, self.moving_gradients.dtype))
+        else:
+            m = j
+        norms = tf.norm(m, axis=1)
+        weights = tf.math.divide_no_nan(tf.reduce_max(norms), norms)
+        return tf.linalg.matvec(m, weights, transpose_a=True), weights
+
+    def get_config(self):
+        return {**super().get_config(), "beta": self.beta, "beta_sigma": self.beta_sigma,
+                "eps": self.eps}

@@ -1,0 +1,88 @@
+"""Per-parameter strategy state (K x P buffers) for Jacobian aggregators.
+
+A few methods keep, between steps, a vector per task as long as the shared parameters
+(MoCo's tracked gradients, DB-MTL's gradient moving averages, ExcessMTL's AdaGrad-style
+accumulators). The strategy contract's `build_state(num_tasks)` does not know the parameter
+count P, so these strategies create that state in `build_parameter_state(P)`:
+* on first use, from the Jacobian's static width: `aggregate` calls it when the state is
+  missing, and the variables are created eagerly (`tf.init_scope`) even when that first use
+  is the trace of `BalancedModel`'s compiled step;
+* P is then part of the strategy's config (`num_parameters`), so a saved model rebuilds
+  the state in `bind` (at `compile_from_config`) before its weights are loaded.
+Calling `build_parameter_state(P)` yourself before training does the same, explicitly.
+A dedicated hook in `BalancedModel` (create strategy state sized by the shared parameters
+when the model and strategy are first built) would make the first-use creation unneeded.
+"""
+
+import tensorflow as tf
+
+from lossbalance.strategies.base import JacobianAggregator
+
+
+class ParameterStateAggregator(JacobianAggregator):
+    """A `JacobianAggregator` that keeps K x P state, created by `build_parameter_state`."""
+
+    #: True when this instance needs `build_parameter_state` before its first step.
+    needs_parameter_state = True
+
+    def __init__(self, num_parameters=None, **kwargs):
+        super().__init__(**kwargs)
+        if num_parameters is not None and (isinstance(num_parameters, bool) or not
+                                           isinstance(num_parameters, int)
+                                           or num_parameters < 1):
+            raise TypeError(
+                f"`num_parameters` must be a positive int or None; got {num_parameters!r}.")
+        # Known from a saved config: the state is created with the others in `bind`, so
+        # saved weights load into it.
+        self._configured_parameters = num_parameters
+        self.num_parameters = None
+
+    def bind(self, task_names):
+        super().bind(task_names)
+        if self._configured_parameters is not None and self.num_parameters is None:
+            self.build_parameter_state(self._configured_parameters)
+
+    def get_config(self):
+        return {**super().get_config(), "num_parameters": self.num_parameters}
+
+    def build_parameter_state(self, num_parameters: int) -> None:
+        """Create the K x P state once; calling again with the same P is a no-op."""
+        if not self.needs_parameter_state:
+            return
+        num_parameters = int(num_parameters)
+        if self.num_parameters is not None:
+            if self.num_parameters != num_parameters:
+                raise ValueError(
+                    f"{type(self).__name__} already holds state for {self.num_parameters} "
+                    f"shared parameters; got {num_parameters}. Create a new strategy.")
+            return
+        self.num_parameters = num_parameters
+        unlocked = getattr(self, "_tracker", None)
+        was_locked = bool(unlocked and unlocked.locked)
+        if was_locked:
+            self._tracker.unlock()
+        try:
+            with tf.init_scope():  # eager, also when first reached inside a traced step
+                self.create_parameter_state(self.num_tasks, num_parameters)
+        finally:
+            if was_locked:
+                self._tracker.lock()
+
+    def create_parameter_state(self, num_tasks: int, num_parameters: int) -> None:
+        raise NotImplementedError
+
+    def check_parameter_state(self, jacobian) -> None:
+        """Create the state on first use (from the Jacobian's static width), or check it."""
+        if not self.needs_parameter_state:
+            return
+        size = jacobian.shape[-1]
+        if self.num_parameters is None:
+            if size is None:
+                raise RuntimeError(
+                    f"{type(self).__name__} keeps per-parameter state and needs the number "
+                    "of shared parameters: call `strategy.build_parameter_state(P)` first.")
+            self.build_parameter_state(size)
+        elif size is not None and size != self.num_parameters:
+            raise ValueError(
+                f"{type(self).__name__} holds state for {self.num_parameters} shared "
+                f"parameters, but the Jacobian has {size} columns.")

@@ -11,12 +11,13 @@ import lossbalance
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 
-def _python_blocks():
-    return re.findall(r"```python\n(.*?)```", README, flags=re.S)
+def _block_after(heading):
+    section = README[README.index(heading):]
+    return re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
 
 
 def test_quick_start_runs(capsys):
-    quick_start = _python_blocks()[0]
+    quick_start = _block_after("## Quick start")
     assert 'strategy in ["fixed", "uncertainty", "gradnorm", "pcgrad"]' in quick_start
     exec(compile(quick_start, "README quick start", "exec"), {})
     lines = capsys.readouterr().out.strip().splitlines()
@@ -26,7 +27,8 @@ def test_quick_start_runs(capsys):
 
 def test_custom_strategy_example_registers_and_weights():
     namespace = {}
-    exec(compile(_python_blocks()[1], "README custom strategy", "exec"), namespace)
+    exec(compile(_block_after("### Write your own strategy"), "README custom strategy",
+                 "exec"), namespace)
     strategy = lossbalance.strategies.get("IL")
     assert type(strategy) is namespace["InverseLoss"]
     strategy.bind(["a", "b"])
@@ -34,7 +36,22 @@ def test_custom_strategy_example_registers_and_weights():
     np.testing.assert_allclose(weights, [1.5, 0.5])
 
 
-def test_readme_strategy_table_lists_registered_core_strategies():
-    for name in ("fixed", "uncertainty", "gradnorm", "pcgrad"):
-        assert f"| `{name}`" in README
-        assert name in lossbalance.strategies.available()
+def test_low_level_api_example_prints_what_the_readme_says(capsys):
+    exec(compile(_block_after("### Low-level API"), "README low-level API", "exec"), {})
+    printed = capsys.readouterr().out.strip()
+    assert printed == "[0.2929 1.9004 1.9004] [0.6 0.4]"
+    assert f"prints `{printed}`" in README
+
+
+def test_readme_strategy_table_lists_every_registered_strategy():
+    from lossbalance.strategies.registry import lookup
+
+    table = README[README.index("## Strategies"):README.index("## How it works")]
+    ours = [name for name in lossbalance.strategies.available()  # not the README's example
+            if lookup(name).__module__.startswith("lossbalance.")]
+    assert len(ours) >= 29
+    for name in ours:
+        assert f"`{name}`" in table, name
+    for alias, name in lossbalance.strategies.aliases().items():
+        if name in ours:
+            assert f"`{alias}`" in table, (alias, name)

@@ -14,9 +14,15 @@ from lossbalance.strategies.base import (
 from lossbalance.strategies.registry import aliases, available, get, register
 
 # Importing the modules registers their strategies.
+from lossbalance.strategies.dwa import DynamicWeightAverage  # noqa: E402
+from lossbalance.strategies.famo import FAMO  # noqa: E402
 from lossbalance.strategies.fixed import FixedWeights  # noqa: E402
+from lossbalance.strategies.geometric import GeometricLossStrategy, ScaleInvariant  # noqa: E402
 from lossbalance.strategies.gradnorm import GradNorm  # noqa: E402
+from lossbalance.strategies.imtl_l import IMTLL  # noqa: E402
 from lossbalance.strategies.pcgrad import PCGrad  # noqa: E402
+from lossbalance.strategies.rlw import RandomLossWeighting  # noqa: E402
+from lossbalance.strategies.stch import SmoothTchebycheff  # noqa: E402
 from lossbalance.strategies.uncertainty import UncertaintyWeighting  # noqa: E402
 from lossbalance.strategies.aligned_mtl import AlignedMTL  # noqa: E402
 from lossbalance.strategies.cagrad import CAGrad  # noqa: E402
@@ -54,12 +60,19 @@ __all__ = [
     "RandomWeights",
     "Sum",
     "UPGrad",
+    "DynamicWeightAverage",
+    "FAMO",
     "FixedWeights",
+    "GeometricLossStrategy",
     "GradNorm",
     "GramianWeighting",
+    "IMTLL",
     "JacobianAggregator",
     "LossWeighting",
     "PCGrad",
+    "RandomLossWeighting",
+    "ScaleInvariant",
+    "SmoothTchebycheff",
     "Strategy",
     "UncertaintyWeighting",
     "aliases",

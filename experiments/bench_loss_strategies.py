@@ -1,0 +1,211 @@
+"""Step time of the loss-level strategies against plain Keras.
+
+    python experiments/bench_loss_strategies.py [--tasks 2 16] [--rounds 7] [--steps 40]
+
+Trains the same multi-head model (a shared Dense trunk; heads alternate between a 4-class
+classifier with cross-entropy and a regressor with MSE) with plain Keras (`keras.Model`,
+the per-head losses summed) and with `BalancedModel` under every loss-level strategy, on the
+same data and batches. Every model is first built, traced and warmed up with `fit`; then
+the compiled `model.train_function` is called directly on each model's own iterator over
+the dataset, one step a call, and timed. Runs are interleaved: each round times `--steps`
+steps of every configuration, in a rotated order, so that drifts and bursts of load on a
+shared machine hit all configurations alike. The table gives each configuration's median
+step time over all rounds, its ratio to plain Keras's median, and the range of the
+per-round ratios (middle half, quartiles) as a measure of noise, and the ratio to
+`BalancedModel` with the `fixed` strategy, which separates a strategy's own cost from the
+cost of `BalancedModel`'s training step.
+
+Target: every loss-level strategy within 1.05x of plain Keras, FAMO (one extra forward pass
+per step) within 1.4x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import lossbalance  # noqa: E402
+
+LOSS_STRATEGIES = ["fixed", "uncertainty", "dwa", "rlw", "gls", "scale_invariant", "famo",
+                   "stch", "imtl_l"]
+TARGETS = {"famo": 1.4}
+DEFAULT_TARGET = 1.05
+CLASSES = 4
+#: "wall": elapsed time; "cpu": CPU time of this process (all TensorFlow threads), which
+#: does not count time spent waiting for cores taken by other processes on a busy machine.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def make_data(num_tasks, samples, inputs, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(samples, inputs)).astype("float32")
+    y = {}
+    for k in range(num_tasks):
+        projection = rng.normal(size=(inputs,)) / np.sqrt(inputs)
+        signal = x @ projection + 0.1 * rng.normal(size=samples)
+        if k % 2 == 0:  # classifier: which quartile of the signal
+            edges = np.quantile(signal, [0.25, 0.5, 0.75])
+            y[f"task_{k}"] = np.digitize(signal, edges).astype("int32")
+        else:
+            y[f"task_{k}"] = signal[:, None].astype("float32")
+    return x, y
+
+
+def losses_for(num_tasks):
+    return {f"task_{k}": (keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+                          if k % 2 == 0 else keras.losses.MeanSquaredError())
+            for k in range(num_tasks)}
+
+
+def build(cls, num_tasks, inputs, hidden, seed):
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((inputs,), name="x")
+    h = keras.layers.Dense(hidden, activation="relu", name="trunk_1")(x)
+    h = keras.layers.Dense(hidden, activation="relu", name="trunk_2")(h)
+    outputs = {f"task_{k}": keras.layers.Dense(CLASSES if k % 2 == 0 else 1,
+                                               name=f"task_{k}")(h)
+               for k in range(num_tasks)}
+    return cls(x, outputs)
+
+
+def make_models(args, num_tasks):
+    models = {}
+    plain = build(keras.Model, num_tasks, args.inputs, args.hidden, args.seed)
+    plain.compile(optimizer=keras.optimizers.Adam(1e-3), loss=losses_for(num_tasks))
+    models["keras"] = plain
+    for name in args.strategies:
+        model = build(lossbalance.BalancedModel, num_tasks, args.inputs, args.hidden,
+                      args.seed)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=losses_for(num_tasks),
+                      strategy=name)
+        models[name] = model
+    return models
+
+
+def time_steps(model, iterator, steps, clock=time.perf_counter):
+    """Seconds of each of `steps` calls of the compiled train function."""
+    times = []
+    for _ in range(steps):
+        start = clock()
+        logs = model.train_function(iterator)
+        float(logs["loss"])  # waits for the step on asynchronous devices
+        times.append(clock() - start)
+    return times
+
+
+def benchmark(args, num_tasks):
+    x, y = make_data(num_tasks, args.batch_size * 8, args.inputs, args.seed)
+    dataset = (tf.data.Dataset.from_tensor_slices((x, y)).repeat()
+               .batch(args.batch_size, drop_remainder=True).prefetch(4))
+    models = make_models(args, num_tasks)
+    names = list(models)
+    iterators = {}
+    for name, model in models.items():  # builds, traces and compiles every train function
+        model.fit(dataset, epochs=1, steps_per_epoch=args.warmup, verbose=0, shuffle=False)
+        iterators[name] = iter(dataset)
+        time_steps(model, iterators[name], args.warmup)
+    per_step = {name: [] for name in names}
+    per_round = {name: [] for name in names}
+    for round_index in range(args.rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            times = time_steps(models[name], iterators[name], args.steps, CLOCKS[args.clock])
+            per_step[name].extend(times)
+            per_round[name].append(statistics.median(times))
+    for name, model in models.items():
+        loss = model.evaluate(dataset, steps=2, verbose=0, return_dict=True)["loss"]
+        if not np.isfinite(loss):
+            raise RuntimeError(f"{name}: non-finite loss {loss} after training")
+    return per_step, per_round
+
+
+def summarise(per_step, per_round):
+    """name -> (median ms, ratio to keras, quartiles of per-round ratios, ratio to fixed)."""
+    base = statistics.median(per_step["keras"])
+    fixed = statistics.median(per_step["fixed"]) if "fixed" in per_step else None
+    rows = {}
+    for name, times in per_step.items():
+        median = statistics.median(times)
+        ratios = [r / b for r, b in zip(per_round[name], per_round["keras"])]
+        low, _, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        rows[name] = (median * 1e3, median / base, low, high,
+                      None if fixed is None else median / fixed)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", type=int, nargs="+", default=[2, 16],
+                        help="numbers of tasks K to benchmark (default: 2 16)")
+    parser.add_argument("--strategies", nargs="+", default=LOSS_STRATEGIES)
+    parser.add_argument("--rounds", type=int, default=30,
+                        help="interleaved rounds; each times every configuration once")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    parser.add_argument("--warmup", type=int, default=5,
+                        help="untimed steps per configuration before the first round")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall time (default) or process CPU time (for busy machines)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="TensorFlow intra- and inter-op threads (0: TensorFlow's default); "
+                             "1 with --clock cpu gives the steadiest figures on a busy machine")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--inputs", type=int, default=64)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    for name in args.strategies:
+        strategy = lossbalance.strategies.get(name)
+        if strategy.family != "loss":
+            parser.error(f"{name!r} is not a loss-level strategy")
+
+    results = {}
+    for num_tasks in args.tasks:
+        print(f"K={num_tasks}: {args.rounds} rounds x {args.steps} steps per configuration "
+              "...", file=sys.stderr, flush=True)
+        results[num_tasks] = summarise(*benchmark(args, num_tasks))
+
+    device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
+    print(f"\nMedian step {args.clock} time and ratio to plain Keras ({device}, "
+          f"{os.cpu_count()} cores, {args.threads or 'default'} TF threads; "
+          f"batch {args.batch_size}, trunk {args.inputs}-{args.hidden}-{args.hidden}; "
+          f"{args.rounds} rounds x {args.steps} steps; [quartiles] of per-round ratios)\n")
+    header = "| strategy | target |" + "".join(
+        f" K={k} ms | K={k} / keras [quartiles] | K={k} / fixed |" for k in args.tasks)
+    print(header)
+    print("|---|---|" + "---|---|---|" * len(args.tasks))
+    failed = []
+    for name in ["keras", *args.strategies]:
+        target = TARGETS.get(name, DEFAULT_TARGET)
+        cells = []
+        for k in args.tasks:
+            ms, ratio, low, high, to_fixed = results[k][name]
+            mark = "" if name == "keras" or ratio <= target else " (over)"
+            if mark:
+                failed.append((name, k, ratio))
+            fixed_cell = "-" if to_fixed is None or name == "keras" else f"{to_fixed:.3f}"
+            cells.append(f" {ms:.2f} | {ratio:.3f} [{low:.2f}-{high:.2f}]{mark} |"
+                         f" {fixed_cell} |")
+        label = "plain keras.Model" if name == "keras" else f"`{name}`"
+        print(f"| {label} | {'-' if name == 'keras' else f'{target:.2f}x'} |"
+              + "".join(cells))
+    if failed:
+        print("\nOver target: " + ", ".join(f"{n} (K={k}: {r:.3f}x)" for n, k, r in failed))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Small helpers shared by the loss-level strategies (DWA, RLW, GLS, SI, FAMO, STCH, IMTL-L).
+
+Under a `tf.distribute` strategy, `BalancedModel.train_step` runs once per replica and hands a
+strategy that replica's task losses, which Keras has already divided by the replica count N.
+The sum of those over replicas is the loss of the global batch. Strategies whose weights are a
+non-linear function of the losses compute them from that global value, so that N replicas make
+the same update as one device on the same global batch, and every replica agrees on the state
+they write (written with `aggregation="only_first_replica"` or `"mean"`).
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+def num_replicas() -> int:
+    """Replicas in sync in the current context (1 outside `tf.distribute`)."""
+    context = tf.distribute.get_replica_context()
+    if context is None:  # cross-replica context
+        return tf.distribute.get_strategy().num_replicas_in_sync
+    return context.num_replicas_in_sync
+
+
+def per_step(owner, key: str, losses: tf.Tensor, compute):
+    """`compute()`, evaluated once per traced training step for one `losses` tensor.
+
+    `BalancedModel.train_step` calls `extra_loss(losses)` and then `loss_weights(losses)`
+    with the same tensor; a strategy that needs the same quantities in both (its weights
+    and the value of its scalarisation, or the global losses) computes them once. Only
+    while tracing a graph: in eager mode every call computes afresh, since the strategy's
+    state may have changed between two calls with the same tensor.
+    """
+    if tf.executing_eagerly():
+        return compute()
+    cache = owner.__dict__.setdefault("_per_step_cache", {})  # plain dict: not tracked
+    hit = cache.get(key)
+    if hit is not None and hit[0] is losses:
+        return hit[1]
+    value = compute()
+    cache[key] = (losses, value)
+    return value
+
+
+def global_losses(losses: tf.Tensor, owner=None) -> tf.Tensor:
+    """The (K,) task losses of the global batch, without gradient.
+
+    In a replica context with N > 1 replicas: the sum over replicas of the local losses
+    (each already divided by N by Keras), i.e. the global mean loss. Otherwise `losses`.
+
+    Collective ops must run in the same order on every replica. A strategy that needs the
+    global losses in both `extra_loss` and `loss_weights` passes itself as `owner`: the
+    all-reduce of one `losses` tensor is then done once per step and reused, and since the
+    weights depend on it, it runs before the gradients' all-reduce on every replica.
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync <= 1:
+        return tf.stop_gradient(losses)
+
+    def all_reduce():
+        return context.all_reduce(tf.distribute.ReduceOp.SUM, tf.stop_gradient(losses))
+
+    if owner is None:
+        return all_reduce()
+    return per_step(owner, "global_losses", losses, all_reduce)
+
+
+def surrogate_offset(value: tf.Tensor, weights: tf.Tensor, losses: tf.Tensor) -> tf.Tensor:
+    """A constant that makes the logged objective equal a scalarisation's value.
+
+    A strategy that minimises a non-linear scalarisation S(L_1..L_K) (a geometric mean, a sum
+    of logs, a log-sum-exp) does so with one backward pass of sum_k w_k L_k, where
+    w_k = dS/dL_k is held constant: the gradients agree. Adding this offset,
+    stop_gradient(S - sum_k w_k L_k), makes the objective's *value* equal S as well, so the
+    logged `loss` is the quantity the method minimises. It adds no gradient. Under
+    `tf.distribute` the offset is divided by the replica count, because every replica adds it
+    and the logged loss is the sum over replicas.
+
+    Args:
+        value: S at the global losses.
+        weights: the (K,) weights w at the global losses.
+        losses: the (K,) global losses.
+    """
+    offset = value - tf.reduce_sum(weights * losses)
+    return tf.stop_gradient(offset / tf.cast(num_replicas(), offset.dtype))

@@ -1,0 +1,145 @@
+"""Smooth Tchebycheff scalarisation (Lin et al., 2024)."""
+
+import tensorflow as tf
+
+from lossbalance.strategies._loss_utils import global_losses, per_step, surrogate_offset
+from lossbalance.strategies.base import LossWeighting, check_number
+from lossbalance.strategies.registry import register
+
+
+@register("stch", aliases=("smooth_tchebycheff",))
+class SmoothTchebycheff(LossWeighting):
+    """Minimise a smooth approximation of the worst (normalised, log) task loss.
+
+    Formula. The Tchebycheff scalarisation max_k l_k is smoothed with temperature mu:
+        S_mu = K mu log sum_k exp(l_k / mu),    max_k l_k <= S_mu / K <= max_k l_k + mu log K,
+    so S_mu / K tends to the maximum as mu -> 0 and to the mean (plus a constant) as mu
+    grows. Its gradient is K sum_k softmax(l / mu)_k dl_k, a convex combination of the task
+    gradients that favours the worst task. Here
+        l_k = log(L_k / n_k)       (default, `log_losses=True`), dl_k = g_k / L_k, or
+        l_k = L_k / n_k            (`log_losses=False`),          dl_k = g_k / n_k,
+    with n_k a "nadir" normaliser: the task's average loss over one warm-up epoch.
+    One backward pass of sum_k w_k L_k with w_k = stop_gradient(K softmax(l/mu)_k dl_k/dL_k);
+    the logged `loss` is S_mu.
+
+    Warm-up: for the first `warmup_epochs` epochs, and for one more epoch in which the
+    average losses are recorded as n_k, the model minimises sum_k log L_k (the
+    scale-invariant loss, weights 1 / L_k); the smooth Tchebycheff objective starts after
+    that. With `normalize=False` no epoch is recorded, n_k = 1, and STCH starts right
+    after `warmup_epochs` epochs (`warmup_epochs=0, normalize=False` uses STCH from the
+    first step). Epochs are counted by the strategy's own variable, advanced by
+    `BalancedModel.fit` through `on_epoch_end`; in a custom loop call
+    `strategy.on_epoch_end(epoch)` after every epoch.
+
+    Defaults: `mu=1.0`, `warmup_epochs=4`, `normalize=True`, `log_losses=True`: the values
+    and the multi-task form of the authors' code (their LibMTL-based STCH_MTL, with
+    STCH_warmup_epoch=4: epochs 0..4 minimise the log losses, epoch 4 records the nadir).
+    Losses are clamped below at `epsilon=1e-20` before logarithms.
+
+    Implementations differ: the paper states the general form mu log sum exp(lambda_k
+    (L_k - z*_k) / mu) with preferences lambda and an ideal point z*; the authors' multi-task
+    code uses log(L_k / n_k), uniform preferences, the factor K and the warm-up above, which
+    this class follows. `log_losses=False` gives the paper's form with z* = 0 and
+    lambda_k = 1 / n_k.
+
+    Args:
+        mu: smoothing temperature, > 0.
+        warmup_epochs: epochs of sum-of-log-losses training before recording the nadir,
+            an integer >= 0.
+        normalize: divide the losses by their average over the recording epoch.
+        log_losses: smooth the maximum of log(L_k / n_k) (True) or of L_k / n_k.
+        epsilon: lower clamp of the losses, > 0.
+
+    Reference: X. Lin, X. Zhang, Z. Yang, F. Liu, Z. Wang, Q. Zhang, "Smooth Tchebycheff
+    Scalarization for Multi-Objective Optimization", ICML 2024.
+    """
+
+    def __init__(self, mu=1.0, warmup_epochs=4, normalize=True, log_losses=True,
+                 epsilon=1e-20, **kwargs):
+        super().__init__(**kwargs)
+        self.mu = check_number("mu", mu, minimum=0.0, strict=True)
+        self.warmup_epochs = check_number("warmup_epochs", warmup_epochs, minimum=0,
+                                          integer=True)
+        for flag, value in (("normalize", normalize), ("log_losses", log_losses)):
+            if not isinstance(value, bool):
+                raise TypeError(f"`{flag}` must be True or False; got {value!r}.")
+        self.normalize = normalize
+        self.log_losses = log_losses
+        self.epsilon = check_number("epsilon", epsilon, minimum=0.0, strict=True)
+
+    @property
+    def stch_start_epoch(self) -> int:
+        """Index of the first epoch that uses the smooth Tchebycheff objective."""
+        return self.warmup_epochs + (1 if self.normalize else 0)
+
+    def build_state(self, num_tasks):
+        def state(name, shape, initializer="zeros"):
+            return self.add_weight(shape=shape, name=name, initializer=initializer,
+                                   trainable=False, aggregation="only_first_replica")
+
+        #: Completed epochs.
+        self.epochs_done = state("epochs_done", ())
+        #: Sum of the losses and number of steps in the recording epoch.
+        self.nadir_sum = state("nadir_sum", (num_tasks,))
+        self.nadir_steps = state("nadir_steps", ())
+        #: n_k, the losses' normaliser (1 until recorded).
+        self.nadir = state("nadir", (num_tasks,), "ones")
+
+    def _weights_and_value(self, losses):
+        """(weights, value, global losses), computed once per step (see `per_step`)."""
+        return per_step(self, "weights", losses, lambda: self._compute(losses))
+
+    def _compute(self, losses):
+        total = tf.cast(global_losses(losses, owner=self), tf.float32)
+        positive = tf.maximum(total, self.epsilon)
+        nadir = tf.convert_to_tensor(self.nadir)
+        k = float(self.num_tasks)
+
+        warmup_weights = 1.0 / positive
+        warmup_value = tf.reduce_sum(tf.math.log(positive))
+
+        if self.log_losses:
+            scaled = tf.math.log(positive / nadir)
+            slope = 1.0 / positive
+        else:
+            scaled = total / nadir
+            slope = 1.0 / nadir
+        share = tf.nn.softmax(scaled / self.mu)
+        stch_weights = k * share * slope
+        stch_value = k * self.mu * tf.reduce_logsumexp(scaled / self.mu)
+
+        warm = tf.convert_to_tensor(self.epochs_done) < float(self.stch_start_epoch)
+        weights = tf.where(warm, warmup_weights, stch_weights)
+        value = tf.where(warm, warmup_value, stch_value)
+        return weights, value, total
+
+    def loss_weights(self, losses):
+        """This step's weights; in the recording epoch also records the losses."""
+        weights, _, total = self._weights_and_value(losses)
+        if self.normalize:
+            recording = tf.equal(tf.convert_to_tensor(self.epochs_done),
+                                 float(self.warmup_epochs))
+            self.nadir_sum.assign_add(tf.where(recording, total, tf.zeros_like(total)))
+            self.nadir_steps.assign_add(tf.where(recording, 1.0, 0.0))
+        return tf.stop_gradient(tf.cast(weights, losses.dtype))
+
+    def extra_loss(self, losses):
+        weights, value, total = self._weights_and_value(losses)
+        return tf.cast(surrogate_offset(value, weights, total), losses.dtype)
+
+    def on_epoch_end(self, epoch):
+        done = int(self.epochs_done.numpy())
+        if self.normalize and done == self.warmup_epochs:
+            steps = float(self.nadir_steps.numpy())
+            if steps > 0:
+                average = self.nadir_sum.numpy() / steps
+                # A task whose loss averaged 0 keeps n_k = 1 rather than dividing by zero.
+                self.nadir.assign(tf.where(average > 0, average, 1.0))
+            else:  # an empty recording epoch: record during the next one instead
+                return
+        self.epochs_done.assign(float(done + 1))
+
+    def get_config(self):
+        return {**super().get_config(), "mu": self.mu, "warmup_epochs": self.warmup_epochs,
+                "normalize": self.normalize, "log_losses": self.log_losses,
+                "epsilon": self.epsilon}

@@ -466,8 +466,9 @@ for name in sys.argv[2:]:
     result[name] = {
         "weights": max(float(np.max(np.abs(a.numpy() - b.numpy())))
                        for a, b in zip(single.weights, mirror.weights)),
-        "state": max(float(np.max(np.abs(a.numpy() - b.numpy())))
-                     for a, b in zip(single.strategy.variables, mirror.strategy.variables)),
+        "state": max((float(np.max(np.abs(a.numpy() - b.numpy())))
+                      for a, b in zip(single.strategy.variables, mirror.strategy.variables)),
+                     default=0.0),
         "logs": max(float(np.max(np.abs(np.subtract(single_logs[k], mirror_logs[k]))))
                     for k in single_logs),
     }
@@ -490,7 +491,8 @@ def test_mirrored_strategy_matches_one_device(tmp_path):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
            "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(
-        [sys.executable, str(script), str(root / "tests"), "famo", "stch", "imtl_l"],
+        [sys.executable, str(script), str(root / "tests"), "famo", "stch", "imtl_l",
+         "uncertainty", "dwa", "gls"],
         capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(l for l in done.stdout.splitlines() if l.startswith("RESULT"))

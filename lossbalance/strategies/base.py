@@ -95,7 +95,10 @@ class Strategy(keras.layers.Layer):
         weight makes a resumed run draw the same random numbers as an uninterrupted one.
         `keras.utils.set_random_seed` seeds it when `seed` is None.
         """
-        generator = keras.random.SeedGenerator(seed)
+        index = self.__dict__.get("_seed_generator_count", 0)
+        self.__dict__["_seed_generator_count"] = index + 1
+        # An explicit name keeps the state's path stable between a model and its reload.
+        generator = keras.random.SeedGenerator(seed, name=f"{self.name}_seed_{index}")
         self._track_variable(generator.state)
         return generator
 

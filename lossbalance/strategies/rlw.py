@@ -60,7 +60,7 @@ class RandomLossWeighting(LossWeighting):
         self.seed = seed
 
     def build_state(self, num_tasks):
-        self.seed_generator = keras.random.SeedGenerator(self.seed, name="rlw_seed")
+        self.seed_generator = self.add_seed_generator(self.seed)
 
     def loss_weights(self, losses):
         """A new random draw of weights; every call advances the generator."""
@@ -75,18 +75,6 @@ class RandomLossWeighting(LossWeighting):
         if self.weights_sum == "num_tasks":
             weights = weights * float(k)
         return tf.stop_gradient(tf.cast(weights, losses.dtype))
-
-    # Keras does not save a layer's seed generators; RLW saves its generator's state so
-    # that a reloaded model continues the sequence of weights instead of replaying it.
-    _SEED_KEY = "seed_generator_state"
-
-    def save_own_variables(self, store):
-        super().save_own_variables(store)
-        store[self._SEED_KEY] = self.seed_generator.state
-
-    def load_own_variables(self, store):
-        if self._SEED_KEY in store.keys():
-            self.seed_generator.state.assign(store[self._SEED_KEY])
 
     def get_config(self):
         return {**super().get_config(), "distribution": self.distribution,

@@ -3,6 +3,7 @@
 import keras
 import tensorflow as tf
 
+from lossbalance.strategies._loss_utils import num_replicas
 from lossbalance.strategies.base import LossWeighting, check_choice, check_number, resolve_per_task
 from lossbalance.strategies.registry import register
 
@@ -70,7 +71,10 @@ class UncertaintyWeighting(LossWeighting):
         return tf.cast(self._scales, losses.dtype) * tf.exp(-s)
 
     def extra_loss(self, losses):
-        return 0.5 * tf.reduce_sum(tf.cast(self.log_variance, losses.dtype))
+        # Every replica adds this term and the optimizer sums their gradients: divide by
+        # the replica count, as Keras does for the task losses.
+        penalty = 0.5 * tf.reduce_sum(tf.cast(self.log_variance, losses.dtype))
+        return penalty / tf.cast(num_replicas(), losses.dtype)
 
     @property
     def variances(self):

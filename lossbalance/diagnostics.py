@@ -219,9 +219,8 @@ class GradientDiagnostics(keras.callbacks.Callback):
         if step % self.every_n_steps:
             return
         figures = self._figures(inspect_batch(self.model, *self.batch))
-        weights = {f"{name}_weight": float(t.result())
-                   for name, t in zip(self.model._task_losses.names,
-                                      self.model._task_weight_trackers)}
+        weights = {key: float(value)
+                   for key, value in self.model._task_weight_tracker.result().items()}
         self.records.append((step, {**figures, **weights}))
         self._latest = figures
         if self.log_dir is not None:

@@ -21,6 +21,7 @@ from lossbalance import strategies
 from lossbalance.gradients import TaskGradients, task_gradients
 from lossbalance.guard import MODES as NONFINITE_MODES
 from lossbalance.guard import NonFiniteCallback, NonFiniteGuard
+from lossbalance.metrics import TaskMeans
 from lossbalance.tasks import TaskLosses
 
 
@@ -32,7 +33,8 @@ def _unscale_for_distribution(value):
 
 def _batch_size(x):
     first = next(t for t in tf.nest.flatten(x) if t is not None)
-    return tf.shape(first)[0]
+    static = first.shape[0]
+    return static if static is not None else tf.shape(first)[0]
 
 
 def _add(a, b):
@@ -50,16 +52,19 @@ class _ScaledObjectives:
     own: object  # objective of the strategy's own trainable variables
 
 
-def _transformed_task_losses(strategy, losses):
-    """Each task's loss after `strategy.transform_losses`, as K separate tensors.
+def _transformed_task_losses(strategy, losses, separate=True):
+    """Each task's loss after `strategy.transform_losses`, as K tensors.
 
-    Gradients are taken of every task's loss separately, and which variables a task reaches
-    decides what is shared. Slicing one stacked vector would connect every task to every
-    head (with zero gradients), so task k's transform sees the other losses only through
-    `tf.stop_gradient`. Computed inside the tape.
+    With `separate`, for per-task gradients: which variables a task's loss reaches decides
+    what is shared, and slicing one stacked vector would connect every task to every head
+    (with zero gradients), so task k's transform sees the other losses only through
+    `tf.stop_gradient` (K transforms). Without it (one gradient of a weighted sum), one
+    transform of the stacked losses. Computed inside the tape.
     """
     if type(strategy).transform_losses is strategies.Strategy.transform_losses:
         return list(losses)
+    if not separate:
+        return tf.unstack(strategy.transform_losses(tf.stack(losses)))
     transformed = []
     for k in range(len(losses)):
         isolated = tf.stack([loss if j == k else tf.stop_gradient(loss)
@@ -167,15 +172,13 @@ class BalancedModel(keras.Model):
         with self._unlocked_state():
             for old in (getattr(self, "strategy", None),
                         getattr(self, "_skipped_steps_tracker", None),
-                        *getattr(self, "_task_loss_trackers", ()),
-                        *getattr(self, "_task_weight_trackers", ())):
+                        getattr(self, "_task_loss_tracker", None),
+                        getattr(self, "_task_weight_tracker", None)):
                 if old is not None and old is not strategy:
                     self._tracker.untrack(old)
             self.strategy = strategy
-            self._task_loss_trackers = [
-                keras.metrics.Mean(name=f"{name}_loss") for name in task_losses.names]
-            self._task_weight_trackers = [
-                keras.metrics.Mean(name=f"{name}_weight") for name in task_losses.names]
+            self._task_loss_tracker = TaskMeans(task_losses.names, "_loss")
+            self._task_weight_tracker = TaskMeans(task_losses.names, "_weight")
             self._skipped_steps_tracker = guard.skipped_steps
         self._guard = guard
         self._balancing_config = {"loss": loss, "loss_weights": loss_weights,
@@ -254,7 +257,8 @@ class BalancedModel(keras.Model):
             variables = self.trainable_variables  # after the call: it builds subclassed models
             raw_losses = self._task_losses(y, y_pred, sample_weight)
             task_losses = _transformed_task_losses(strategy, [
-                w * loss for w, loss in zip(self._task_losses.loss_weights, raw_losses)])
+                w * loss for w, loss in zip(self._task_losses.loss_weights, raw_losses)],
+                separate=self._needs_persistent_tape())
             losses = tf.stack(task_losses)
             extra = strategy.extra_loss(losses)
             other = _add(self._regularization_loss(), extra)
@@ -314,11 +318,10 @@ class BalancedModel(keras.Model):
         self._loss_tracker.update_state(_unscale_for_distribution(objective),
                                         sample_weight=batch)
         compile_weights = self._compile_weights(raw_losses[0])
-        effective = compile_weights * tf.cast(weights, compile_weights.dtype)
-        for k, raw in enumerate(raw_losses):
-            self._task_loss_trackers[k].update_state(_unscale_for_distribution(raw),
-                                                     sample_weight=batch)
-            self._task_weight_trackers[k].update_state(effective[k])
+        self._task_loss_tracker.update_state(
+            _unscale_for_distribution(tf.stack(raw_losses)), sample_weight=batch)
+        self._task_weight_tracker.update_state(
+            compile_weights * tf.cast(weights, compile_weights.dtype))
 
     def _task_gradient_update(self, tape, scaled, losses, variables):
         """Gradient-level strategies: the update for every trainable variable.
@@ -438,11 +441,10 @@ class BalancedModel(keras.Model):
         total = _add(total, self._regularization_loss())
         batch = _batch_size(x)
         self._loss_tracker.update_state(_unscale_for_distribution(total), sample_weight=batch)
-        for tracker, raw in zip(self._task_loss_trackers, raw_losses):
-            tracker.update_state(_unscale_for_distribution(raw), sample_weight=batch)
+        self._task_loss_tracker.update_state(
+            _unscale_for_distribution(tf.stack(raw_losses)), sample_weight=batch)
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-        weight_names = {t.name for t in self._task_weight_trackers}
-        return {k: v for k, v in logs.items() if k not in weight_names}
+        return {k: v for k, v in logs.items() if k not in self._task_weight_tracker.keys}
 
     def skip_batches(self, count: int) -> None:
         """Consume the next `count` training batches without training on them (used by

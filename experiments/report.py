@@ -1,4 +1,5 @@
-"""Summaries of a comparison: mean and 95% confidence interval over seeds, tables, plots."""
+"""Summaries of a comparison: delta-m%, mean and 95% confidence interval over seeds, the
+tuned linear-scalarisation baseline, tables and plots."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from experiments.benchmarks import get_benchmark
 def mean_and_ci(values, confidence=0.95):
     """Mean and the half-width of its Student-t confidence interval (nan for one value)."""
     values = np.asarray(values, float)
+    if len(values) == 0:
+        return float("nan"), float("nan")
     mean = float(values.mean())
     if len(values) < 2:
         return mean, float("nan")
@@ -22,93 +25,295 @@ def mean_and_ci(values, confidence=0.95):
     return mean, float(half)
 
 
-def summarize(results: list[dict]) -> list[dict]:
-    """One row per strategy: each task metric's mean and CI over seeds, and step time."""
-    benchmark = get_benchmark(results[0]["benchmark"])
-    by_strategy = defaultdict(list)
+def delta_m(method, single, higher_is_better) -> float:
+    """delta-m% = (1/M) sum_m (-1)^{h_m} (M_method,m - M_single,m) / M_single,m x 100.
+
+    `method`, `single`: the M metric values of the method and of the single-task baselines;
+    `higher_is_better`: h_m per metric. Lower is better: a method that improves every
+    metric over its single-task baseline has a negative delta-m%.
+    """
+    method, single = np.asarray(method, float), np.asarray(single, float)
+    sign = np.where(np.asarray(higher_is_better, bool), -1.0, 1.0)
+    return float(np.mean(sign * (method - single) / single) * 100.0)
+
+
+def _group(results):
+    groups = defaultdict(list)
     for result in results:
-        by_strategy[result["strategy"]].append(result)
+        groups[result["strategy"]].append(result)
+    return groups
+
+
+def _single_reference(benchmark, groups, split):
+    """Each task metric's single-task value (mean over seeds), or None if missing."""
+    reference = {}
+    for metric in benchmark.task_metrics:
+        runs = groups.get(f"single:{metric.task}")
+        if not runs:
+            return None
+        reference[metric.name] = float(np.mean([run[split].get(metric.name, np.nan)
+                                                for run in runs]))
+    return reference
+
+
+def _run_delta_m(benchmark, run, reference, split):
+    if reference is None:
+        return float("nan")
+    metrics = benchmark.task_metrics
+    return delta_m([run[split].get(m.name, np.nan) for m in metrics],
+                   [reference[m.name] for m in metrics],
+                   [m.higher_is_better for m in metrics])
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    """One row per strategy, LS point and single-task baseline: each task metric's mean and
+    CI over seeds on the test split, delta-m% (test and validation), sum_k L_k/L_k(0), step
+    time. The LS point with the best validation delta-m% is repeated as kind "tuned_ls"."""
+    benchmark = get_benchmark(results[0]["benchmark"])
+    groups = _group(results)
+    reference = {split: _single_reference(benchmark, groups, split)
+                 for split in ("test", "validation")}
     rows = []
-    for strategy, runs in by_strategy.items():
-        row = {"strategy": strategy, "seeds": len(runs)}
+    for label, runs in groups.items():
+        kind = runs[0].get("kind", "method")
+        row = {"strategy": label, "kind": kind, "seeds": len(runs)}
         for metric in benchmark.task_metrics:
-            mean, ci = mean_and_ci([run["test"][metric.name] for run in runs])
-            row[metric.name] = mean
-            row[f"{metric.name}_ci95"] = ci
-        row["step_ms"] = 1000 * float(np.nanmedian([run["step_time_s"] for run in runs]))
+            # a single-task run has no loss for the other tasks: nan there
+            mean, ci = mean_and_ci([run["test"].get(metric.name, np.nan) for run in runs])
+            row[metric.name], row[f"{metric.name}_ci95"] = mean, ci
+        if kind == "single":
+            row["delta_m"] = row["delta_m_ci95"] = row["val_delta_m"] = float("nan")
+        else:
+            row["delta_m"], row["delta_m_ci95"] = mean_and_ci(
+                [_run_delta_m(benchmark, run, reference["test"], "test") for run in runs])
+            row["val_delta_m"] = mean_and_ci(
+                [_run_delta_m(benchmark, run, reference["validation"], "validation")
+                 for run in runs])[0]
+        row["loss_ratio"], row["loss_ratio_ci95"] = mean_and_ci(
+            [run.get("loss_ratio", np.nan) for run in runs])
+        row["step_ms"] = 1000 * float(np.nanmedian([run["step_time_s"] for run in runs])) \
+            if any(np.isfinite(run["step_time_s"]) for run in runs) else float("nan")
         rows.append(row)
+    sweep = [row for row in rows if row["kind"] == "ls" and np.isfinite(row["val_delta_m"])]
+    if sweep:
+        best = min(sweep, key=lambda row: row["val_delta_m"])
+        rows.append({**best, "kind": "tuned_ls",
+                     "strategy": f"tuned LS ({best['strategy']})"})
+    order = {"method": 0, "tuned_ls": 1, "single": 2, "ls": 3}
+    rows.sort(key=lambda row: order.get(row["kind"], 0))
     return rows
+
+
+def _cell(mean, ci, fmt=".4g", ci_fmt=".2g", sign=False):
+    if not np.isfinite(mean):
+        return "n/a"
+    text = f"{mean:+{fmt}}" if sign else f"{mean:{fmt}}"
+    return text + ("" if not np.isfinite(ci) else f" ± {ci:{ci_fmt}}")
+
+
+def markdown_table(rows, benchmark, kinds=("method", "tuned_ls", "single")) -> str:
+    metrics = benchmark.task_metrics
+    show_ratio = getattr(benchmark, "show_loss_ratio", False)
+    header = ["strategy"] + [
+        f"{m.name} ({'higher' if m.higher_is_better else 'lower'} is better)" for m in metrics]
+    header += ["Δm% (lower is better)"] + (["Σ L/L(0)"] if show_ratio else [])
+    header += ["step (ms)", "seeds"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        if row["kind"] not in kinds:
+            continue
+        name = row["strategy"]
+        if row["kind"] == "single":
+            name = f"single-task `{name[len('single:'):]}`"
+        elif row["kind"] == "method":
+            name = f"`{name}`"
+        cells = [name]
+        for metric in metrics:
+            if row["kind"] == "single" and not row["strategy"].endswith(":" + metric.task):
+                cells.append("")
+                continue
+            cells.append(_cell(row[metric.name], row[f"{metric.name}_ci95"]))
+        cells.append(_cell(row["delta_m"], row["delta_m_ci95"], ".2f", ".2f", sign=True))
+        if show_ratio:
+            cells.append(_cell(row["loss_ratio"], row["loss_ratio_ci95"], ".3g"))
+        step = row["step_ms"]
+        cells += [f"{step:.2f}" if np.isfinite(step) else "n/a", str(row["seeds"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def write_tables(rows: list[dict], results: list[dict], out: Path) -> None:
     benchmark = get_benchmark(results[0]["benchmark"])
+    fields = []
+    for row in rows:
+        fields += [key for key in row if key not in fields]
     with open(out / "results.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    arrows = {m.name: "higher is better" if m.higher_is_better else "lower is better"
-              for m in benchmark.task_metrics}
-    header = ["strategy"] + [f"{m.name} ({arrows[m.name]})" for m in benchmark.task_metrics]
-    header += ["step (ms)", "seeds"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [f"`{row['strategy']}`"]
-        for metric in benchmark.task_metrics:
-            ci = row[f"{metric.name}_ci95"]
-            cells.append(f"{row[metric.name]:.4g}" + ("" if np.isnan(ci) else f" ± {ci:.2g}"))
-        cells += [f"{row['step_ms']:.2f}", str(row["seeds"])]
-        lines.append("| " + " | ".join(cells) + " |")
-    (out / "results.md").write_text(
-        f"Test metrics on `{benchmark.name}` at the best validation epoch: mean ± 95% "
-        "confidence interval over seeds; median step time.\n\n" + "\n".join(lines) + "\n")
+    quick = any(result.get("quick") for result in results)
+    text = [
+        f"Test metrics on `{benchmark.name}` at the epoch selected on validation "
+        f"({results[0].get('selection', 'val_loss')} for multi-task runs): mean ± 95% "
+        "confidence interval over seeds (Student t); Δm% against the single-task baselines "
+        "(same network, same budget, only that task's loss); median step time"
+        + (" (--quick: tiny data, eager, not a result)." if quick else "."),
+        "",
+        markdown_table(rows, benchmark),
+    ]
+    sweep = [row for row in rows if row["kind"] == "ls"]
+    if sweep:
+        text += ["", "Linear-scalarisation sweep (`fixed` weights w_k ∝ c_k / L_k(0), "
+                 "c = (1, ratio)); the tuned LS row above is the point with the best "
+                 "validation Δm%:", "",
+                 markdown_table(sweep, benchmark, kinds=("ls",)),
+                 "", "| sweep point | validation Δm% |", "|---|---|"]
+        text += [f"| {row['strategy']} | {row['val_delta_m']:+.2f} |" for row in sweep]
+    (out / "results.md").write_text("\n".join(text) + "\n")
 
 
-def plot(rows: list[dict], results: list[dict], out: Path) -> list[Path]:
-    """Bar charts of the task metrics (with CIs) and per-task validation loss curves."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot(rows: list[dict], results: list[dict], out: Path) -> list[Path]:
+    """`metrics.png` (bars with CIs), `curves.png` (validation losses), `tradeoff.png`
+    (two tasks: every method against the LS front) and `loss_ratio.png` (benchmarks that
+    show sum_k L_k/L_k(0))."""
+    plt = _pyplot()
     benchmark = get_benchmark(results[0]["benchmark"])
     metrics = benchmark.task_metrics
     paths = []
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.6))
-    axes = np.atleast_1d(axes)
-    names = [row["strategy"] for row in rows]
-    for ax, metric in zip(axes, metrics):
-        means = [row[metric.name] for row in rows]
-        cis = [0 if np.isnan(row[f"{metric.name}_ci95"]) else row[f"{metric.name}_ci95"]
-               for row in rows]
-        ax.bar(range(len(rows)), means, yerr=cis, capsize=4, color="tab:blue", alpha=0.8)
-        ax.set_xticks(range(len(rows)), names, rotation=30, ha="right")
+    shown = [row for row in rows if row["kind"] in ("method", "tuned_ls")]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(max(4.5, 0.3 * len(shown) + 2)
+                                                       * min(len(metrics), 3) / 1.5, 3.8),
+                             squeeze=False)
+    names = [row["strategy"] for row in shown]
+    for ax, metric in zip(axes.flat, metrics):
+        means = np.array([row[metric.name] for row in shown])
+        cis = np.array([0 if not np.isfinite(row[f"{metric.name}_ci95"])
+                        else row[f"{metric.name}_ci95"] for row in shown])
+        colors = ["tab:orange" if row["kind"] == "tuned_ls" else "tab:blue" for row in shown]
+        ax.bar(range(len(shown)), means, yerr=cis, capsize=3, color=colors, alpha=0.8)
+        single = [row for row in rows if row["strategy"] == f"single:{metric.task}"]
+        if single:
+            ax.axhline(single[0][metric.name], color="k", ls="--", lw=1, label="single-task")
+            ax.legend(fontsize=7)
+        ax.set_xticks(range(len(shown)), names, rotation=60, ha="right", fontsize=7)
         better = "higher" if metric.higher_is_better else "lower"
-        ax.set_title(f"{metric.name} ({better} is better)")
-        low, high = min(m - c for m, c in zip(means, cis)), max(m + c for m, c in zip(means, cis))
-        pad = 0.15 * (high - low or abs(high) or 1.0)
-        ax.set_ylim(low - pad, high + pad)
-    fig.suptitle(f"{benchmark.name}: test metrics, mean and 95% CI over seeds")
+        ax.set_title(f"{metric.name} ({better} is better)", fontsize=9)
+        finite = np.isfinite(means)
+        if finite.any():
+            low = float(np.min((means - cis)[finite]))
+            high = float(np.max((means + cis)[finite]))
+            pad = 0.15 * (high - low or abs(high) or 1.0)
+            ax.set_ylim(low - pad, high + pad)
+    fig.suptitle(f"{benchmark.name}: test metrics, mean and 95% CI over seeds", fontsize=10)
     fig.tight_layout()
     paths.append(out / "metrics.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
-    tasks = [m.task for m in metrics]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6))
-    axes = np.atleast_1d(axes)
-    by_strategy = defaultdict(list)
-    for result in results:
-        by_strategy[result["strategy"]].append(result)
-    for ax, task in zip(axes, tasks):
-        for strategy, runs in by_strategy.items():
+    groups = {label: runs for label, runs in _group(results).items()
+              if runs[0].get("kind", "method") == "method"}
+    tasks = benchmark.task_names
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes.flat, tasks):
+        for strategy, runs in groups.items():
             curves = np.array([run["history"][f"val_{task}_loss"] for run in runs])
             ax.plot(np.arange(1, curves.shape[1] + 1), curves.mean(axis=0), label=strategy)
         ax.set_yscale("log")
         ax.set_xlabel("epoch")
-        ax.set_title(f"validation {task} loss (mean over seeds)")
-    axes[0].legend(fontsize=8)
+        ax.set_title(f"validation {task} loss (mean over seeds)", fontsize=9)
+    axes.flat[0].legend(fontsize=6, ncol=2)
     fig.tight_layout()
     paths.append(out / "curves.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
+
+    if len(tasks) == 2:
+        path = plot_tradeoff(rows, benchmark, out / "tradeoff.png")
+        if path:
+            paths.append(path)
+    if getattr(benchmark, "show_loss_ratio", False):
+        paths.append(plot_loss_ratio(groups, tasks, benchmark, out / "loss_ratio.png"))
     return paths
+
+
+def plot_tradeoff(rows, benchmark, path):
+    """Two tasks: the LS sweep as the trade-off front, every method with its CIs."""
+    plt = _pyplot()
+    by_task = {}
+    for metric in benchmark.task_metrics:
+        by_task.setdefault(metric.task, metric)
+    (task_a, ma), (task_b, mb) = list(by_task.items())[:2]
+    fig, ax = plt.subplots(figsize=(6.4, 5.0))
+    sweep = sorted((row for row in rows if row["kind"] == "ls"),
+                   key=lambda row: float(row["strategy"].split("=")[-1]))
+    if sweep:
+        ax.plot([r[ma.name] for r in sweep], [r[mb.name] for r in sweep], "-o", color="grey",
+                lw=1.5, ms=4, label="linear scalarisation (fixed weights sweep)", zorder=1)
+        for r in sweep:
+            ax.annotate(r["strategy"].split("=")[-1], (r[ma.name], r[mb.name]), fontsize=6,
+                        color="grey", xytext=(3, -6), textcoords="offset points")
+    for row in rows:
+        if row["strategy"] == f"single:{task_a}":
+            ax.axvline(row[ma.name], color="k", ls="--", lw=0.8, label="single-task")
+        if row["strategy"] == f"single:{task_b}":
+            ax.axhline(row[mb.name], color="k", ls="--", lw=0.8)
+    methods = [row for row in rows if row["kind"] == "method"]
+    colors = plt.cm.tab20(np.linspace(0, 1, max(len(methods), 1)))
+    for color, row in zip(colors, methods):
+        xerr = row[f"{ma.name}_ci95"] if np.isfinite(row[f"{ma.name}_ci95"]) else None
+        yerr = row[f"{mb.name}_ci95"] if np.isfinite(row[f"{mb.name}_ci95"]) else None
+        ax.errorbar(row[ma.name], row[mb.name], xerr=xerr, yerr=yerr, fmt="o", color=color,
+                    ms=5, capsize=2, label=row["strategy"], zorder=2)
+    ax.set_xlabel(f"{ma.name} ({'higher' if ma.higher_is_better else 'lower'} is better)")
+    ax.set_ylabel(f"{mb.name} ({'higher' if mb.higher_is_better else 'lower'} is better)")
+    for metric, setter in ((ma, ax.set_xscale), (mb, ax.set_yscale)):
+        values = [r[metric.name] for r in rows if np.isfinite(r[metric.name])]
+        if values and min(values) > 0 and max(values) / min(values) > 30:
+            setter("log")
+    ax.set_title(f"{benchmark.name}: test trade-off (mean, 95% CI over seeds)", fontsize=10)
+    ax.legend(fontsize=6, loc="best", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_loss_ratio(groups, tasks, benchmark, path):
+    """sum_k L_k(t) / L_k(0) on validation against epochs, mean over seeds."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    for strategy, runs in groups.items():
+        curves = np.array([
+            sum(np.asarray(run["history"][f"val_{t}_loss"])
+                / run["initial"]["validation"][f"{t}_loss"] for t in tasks)
+            for run in runs])
+        ax.plot(np.arange(1, curves.shape[1] + 1), curves.mean(axis=0), label=strategy)
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_title(f"{benchmark.name}: validation Σ_i L_i(t) / L_i(0) (mean over seeds)",
+                 fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(results: list[dict], out: Path) -> list[Path]:
+    """Tables and plots for any benchmark; returns the written paths."""
+    out = Path(out)
+    benchmark = get_benchmark(results[0]["benchmark"])
+    if getattr(benchmark, "custom", False):
+        return benchmark.write_report(results, out)
+    rows = summarize(results)
+    write_tables(rows, results, out)
+    return [out / "results.csv", out / "results.md", *plot(rows, results, out)]

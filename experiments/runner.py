@@ -1,16 +1,35 @@
-"""Run strategies x seeds on a benchmark, resumable, with model selection on validation."""
+"""Run strategies x seeds on a benchmark, resumable, with model selection on validation.
+
+Besides the strategies asked for, a comparison trains, with the same budget (epochs, batch
+size, optimizer, model) and the same seeds:
+* single-task baselines, one per task: the same network compiled with only that task's loss
+  (`loss=None` for the other outputs), selected on that task's validation loss; they are the
+  reference of delta-m%;
+* a linear-scalarisation sweep: `fixed` weights w_k = K c_k / (L_k(0) sum(c)) with
+  c = (1, ratio) over the benchmark's `ls_ratios` (two tasks), or c = 1 (more tasks), where
+  L_k(0) is task k's validation loss at initialisation. The tables report the sweep point
+  with the best validation delta-m% as "tuned LS", and the plots draw the sweep as the
+  trade-off front.
+
+Every run is saved as `runs/<label>-seed<seed>.json` in the output folder; runs found there
+are not rerun.
+"""
 
 from __future__ import annotations
 
 import ast
 import json
 import time
+import warnings
 from pathlib import Path
 
 import keras
 import numpy as np
 
 from experiments.benchmarks import get_benchmark
+
+SINGLE = "single:"  # label prefix of single-task baselines
+LS = "ls:ratio="  # label prefix of linear-scalarisation sweep points
 
 
 def parse_strategy(spec: str):
@@ -33,12 +52,30 @@ def parse_strategy(spec: str):
     return spec, config
 
 
+def run_kind(label: str) -> str:
+    """"single", "ls" or "method"."""
+    if label.startswith(SINGLE):
+        return "single"
+    if label.startswith(LS):
+        return "ls"
+    return "method"
+
+
+def baseline_labels(benchmark, quick=False) -> list[str]:
+    """Labels of the single-task baselines and the linear-scalarisation sweep."""
+    tasks = benchmark.task_names
+    ratios = (benchmark.quick_ls_ratios if quick else benchmark.ls_ratios) \
+        if len(tasks) == 2 else (1.0,)
+    return [f"{SINGLE}{task}" for task in tasks] + [f"{LS}{r:g}" for r in ratios]
+
+
 class _StepTimer(keras.callbacks.Callback):
     """Median wall time of a training step, excluding the first epoch (tracing)."""
 
-    def __init__(self):
+    def __init__(self, skip_first=True):
         super().__init__()
         self.times, self._start, self._epoch = [], None, 0
+        self.skip_first = skip_first
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
@@ -47,36 +84,160 @@ class _StepTimer(keras.callbacks.Callback):
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
-        if self._epoch > 0:
+        if self._epoch > 0 or not self.skip_first:
             self.times.append(time.perf_counter() - self._start)
 
 
+class _SelectBest(keras.callbacks.Callback):
+    """Model selection: keep the weights of the epoch with the lowest validation score
+    (computed from the epoch's logs) and restore them when training ends."""
+
+    def __init__(self, score):
+        super().__init__()
+        self.score = score
+        self.best, self.best_epoch, self.best_weights, self.scores = np.inf, 0, None, []
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = float(self.score(logs or {}))
+        self.scores.append(value)
+        if self.best_weights is None or value < self.best:
+            self.best, self.best_epoch = value, epoch
+            self.best_weights = self.model.get_weights()
+
+    def on_train_end(self, logs=None):
+        if self.best_weights is not None:
+            self.model.set_weights(self.best_weights)
+
+
+def _evaluate(model, split, batch_size=4096) -> dict:
+    """Metrics of a compiled model on a split (one `test_on_batch` per chunk, weighted)."""
+    totals, count = {}, 0
+    for start in range(0, len(split), batch_size):
+        x = split.x[start:start + batch_size]
+        y = {k: v[start:start + batch_size] for k, v in split.y.items()}
+        logs = model.test_on_batch(x, y, return_dict=True)
+        for key, value in logs.items():
+            totals[key] = totals.get(key, 0.0) + float(value) * len(x)
+        count += len(x)
+    return {key: value / count for key, value in totals.items()}
+
+
+def shared_parameter_count(model, split) -> int:
+    """The number of parameters two or more tasks reach (for strategies with per-parameter
+    state, which `BalancedModel` does not size by itself yet)."""
+    import tensorflow as tf
+
+    from lossbalance.gradients import TaskGradients, task_gradients
+
+    part = split.head(8)
+    with tf.GradientTape(persistent=True) as tape:
+        y_pred = model(part.x, training=True)
+        losses = model._task_losses(part.y, y_pred)
+    variables = model.trainable_variables
+    gradients = TaskGradients(task_gradients(tape, losses, variables), variables)
+    del tape
+    return int(sum(np.prod(variables[i].shape) for i in gradients.shared))
+
+
+def _compile(model, benchmark, strategy, loss, eager):
+    model.compile(optimizer=keras.optimizers.Adam(benchmark.learning_rate), loss=loss,
+                  metrics=benchmark.metrics or None, strategy=strategy, run_eagerly=eager)
+    if getattr(model.strategy, "needs_parameter_state", False):
+        model.strategy.build_parameter_state(
+            shared_parameter_count(model, benchmark.train))
+
+
 def run_one(benchmark_name: str, strategy_spec: str, seed: int, *, epochs=None,
-            batch_size=None, verbose=0) -> dict:
-    """Train one model; return its history and its test metrics at the best epoch by
-    validation loss (the plain Keras total, comparable across strategies)."""
+            batch_size=None, verbose=0, quick=False, steps=None, eager=None) -> dict:
+    """Train one model; return its history and its test metrics at the epoch selected on
+    validation. `strategy_spec` is a strategy spec, or a baseline label (`single:<task>`,
+    `ls:ratio=<r>`). `quick`: small subsets, 1 epoch unless `epochs` is given, and eager
+    execution unless `eager=False` (tracing a step costs more than a few eager steps)."""
+    eager = quick if eager is None else eager
     benchmark = get_benchmark(benchmark_name, seed=0)  # the same split for every seed
-    label, strategy = parse_strategy(strategy_spec)
+    if getattr(benchmark, "custom", False):
+        label, strategy = parse_strategy(strategy_spec)
+        began = time.perf_counter()
+        result = benchmark.run(strategy, seed, quick=quick, verbose=verbose, steps=steps,
+                               eager=eager)
+        return {"benchmark": benchmark_name, "strategy": label, "kind": "method",
+                "seed": seed, "wall_s": time.perf_counter() - began, **result}
+    if quick:
+        benchmark = benchmark.quick()
+    tasks = benchmark.task_names
+    kind = run_kind(strategy_spec)
+    label = strategy_spec
+    loss = benchmark.loss
+    if kind == "single":
+        task = strategy_spec[len(SINGLE):]
+        if task not in tasks:
+            raise ValueError(f"{strategy_spec!r}: no task {task!r}; tasks are {tasks}.")
+        loss = {name: (fn if name == task else None) for name, fn in benchmark.loss.items()}
+        strategy = "fixed"
+    elif kind == "ls":
+        strategy = "fixed"  # weights set below, from the initial losses
+    else:
+        label, strategy = parse_strategy(strategy_spec)
+
+    began = time.perf_counter()
     model = benchmark.build_model(seed)
-    model.compile(optimizer=keras.optimizers.Adam(benchmark.learning_rate),
-                  loss=benchmark.loss, metrics=benchmark.metrics, strategy=strategy)
-    timer = _StepTimer()
-    best = keras.callbacks.EarlyStopping(monitor="val_loss", patience=10 ** 9,
-                                         restore_best_weights=True)
-    history = model.fit(
-        benchmark.train.x, benchmark.train.y,
-        validation_data=(benchmark.validation.x, benchmark.validation.y),
-        epochs=epochs or benchmark.epochs, batch_size=batch_size or benchmark.batch_size,
-        callbacks=[timer, best], verbose=verbose)
-    test = model.evaluate(benchmark.test.x, benchmark.test.y, verbose=0, return_dict=True)
+    with warnings.catch_warnings():
+        # single-task runs: "a single task", "gradients do not exist" for the other heads
+        warnings.simplefilter("ignore")
+        _compile(model, benchmark, strategy if kind != "ls" else "fixed", loss, eager)
+        initial = {"validation": _evaluate(model, benchmark.validation),
+                   "test": _evaluate(model, benchmark.test)}
+        weights = None
+        if kind == "ls":
+            ratio = float(strategy_spec[len(LS):])
+            c = np.array([1.0, ratio] if len(tasks) == 2 else [1.0] * len(tasks))
+            l0 = np.array([initial["validation"][f"{task}_loss"] for task in tasks])
+            w = len(tasks) * c / c.sum() / np.maximum(l0, 1e-12)
+            weights = {task: float(v) for task, v in zip(tasks, w)}
+            strategy = {"name": "fixed", "weights": weights}
+            _compile(model, benchmark, strategy, loss, eager)
+
+        if kind == "single":
+            task = strategy_spec[len(SINGLE):]
+            score = lambda logs: logs[f"val_{task}_loss"]  # noqa: E731
+            selection = f"val_{task}_loss"
+        elif benchmark.select_on == "val_loss_ratio":
+            l0 = {t: initial["validation"][f"{t}_loss"] for t in tasks}
+            score = lambda logs: sum(logs[f"val_{t}_loss"] / l0[t] for t in tasks)  # noqa
+            selection = "val_loss_ratio"
+        else:
+            score = lambda logs: logs["val_loss"]  # noqa: E731
+            selection = "val_loss"
+        timer = _StepTimer(skip_first=not eager)
+        best = _SelectBest(score)
+        history = model.fit(
+            benchmark.train.x, benchmark.train.y,
+            validation_data=(benchmark.validation.x, benchmark.validation.y),
+            epochs=epochs or (1 if quick else benchmark.epochs),
+            batch_size=batch_size or benchmark.batch_size,
+            callbacks=[timer, best], verbose=verbose)
+        test = _evaluate(model, benchmark.test)
+    logs = {k: [float(v) for v in values] for k, values in history.history.items()}
+    validation = {k[4:]: v[best.best_epoch] for k, v in logs.items() if k.startswith("val_")}
     return {
         "benchmark": benchmark_name,
         "strategy": label,
+        "kind": kind,
         "seed": seed,
-        "history": {k: [float(v) for v in values] for k, values in history.history.items()},
-        "best_epoch": int(np.argmin(history.history["val_loss"])),
-        "test": {k: float(v) for k, v in test.items()},
+        "quick": quick,
+        "eager": eager,
+        "tasks": tasks,
+        "weights": weights,
+        "selection": selection,
+        "history": logs,
+        "initial": initial,
+        "best_epoch": best.best_epoch,
+        "validation": validation,
+        "test": test,
+        "loss_ratio": float(sum(test[f"{t}_loss"] / initial["test"][f"{t}_loss"]
+                                for t in tasks if f"{t}_loss" in test)),
         "step_time_s": float(np.median(timer.times)) if timer.times else float("nan"),
+        "wall_s": time.perf_counter() - began,
     }
 
 
@@ -85,25 +246,48 @@ def run_path(out: Path, strategy_label: str, seed: int) -> Path:
     return out / "runs" / f"{safe}-seed{seed}.json"
 
 
-def compare(benchmark: str, strategies: list[str], seeds: int, out: Path, *, epochs=None,
-            batch_size=None, keras_verbose=0, progress=True) -> list[dict]:
-    """Run every strategy with every seed, skipping runs already saved in `out`."""
+def compare(benchmark: str, strategies: list[str], seeds: int | None, out: Path, *,
+            epochs=None, batch_size=None, keras_verbose=0, progress=True, quick=False,
+            baselines=True, steps=None, eager=None, errors="raise",
+            failures: list | None = None) -> list[dict]:
+    """Run every strategy (and, unless `baselines=False`, the single-task baselines and the
+    linear-scalarisation sweep) with every seed, skipping runs already saved in `out`.
+
+    Returns every run's result (dicts, as saved in `out/runs/*.json`). With
+    `errors="continue"`, a run that raises is reported (a warning, and a dict with its
+    "error" appended to `failures`), not saved (so a rerun retries it), and the others go on.
+    """
     from tqdm import tqdm
 
+    bench = get_benchmark(benchmark)
+    if seeds is None:
+        seeds = 1 if quick else getattr(bench, "default_seeds", 3)
     out = Path(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    jobs = [(spec, seed) for seed in range(seeds) for spec in strategies]
+    labels = [spec if run_kind(spec) != "method" else parse_strategy(spec)[0]
+              for spec in strategies]  # checks the specs early
+    if baselines and not getattr(bench, "custom", False):
+        labels += [b for b in baseline_labels(bench, quick) if b not in labels]
+    jobs = [(label, seed) for seed in range(seeds) for label in labels]
     results = []
+    failures = [] if failures is None else failures
     bar = tqdm(jobs, desc=f"{benchmark}", unit="run", disable=not progress)
-    for spec, seed in bar:
-        label, _ = parse_strategy(spec)
+    for label, seed in bar:
         path = run_path(out, label, seed)
         bar.set_postfix_str(f"{label} seed {seed}")
         if path.exists():
             results.append(json.loads(path.read_text()))
             continue
-        result = run_one(benchmark, spec, seed, epochs=epochs, batch_size=batch_size,
-                         verbose=keras_verbose)
+        try:
+            result = run_one(benchmark, label, seed, epochs=epochs, batch_size=batch_size,
+                             verbose=keras_verbose, quick=quick, steps=steps, eager=eager)
+        except Exception as error:  # noqa: BLE001
+            if errors == "raise":
+                raise
+            message = f"{type(error).__name__}: {error}"
+            warnings.warn(f"{benchmark}: run {label!r} seed {seed} failed: {message}")
+            failures.append({"strategy": label, "seed": seed, "error": message})
+            continue
         path.write_text(json.dumps(result, indent=1))
         results.append(result)
     return results

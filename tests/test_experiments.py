@@ -1,13 +1,71 @@
-"""The comparison runner: parsing, statistics, resumable runs, tables and plots."""
+"""The comparison runner: benchmarks, statistics, resumable runs, tables and plots.
 
+The slow part -- every benchmark through the runner with every registered strategy in
+`--quick` mode -- runs once per session, in two worker processes (two benchmarks each, many
+strategies per process), while the in-process tests run; the tests then read its outputs.
+"""
+
+import csv
 import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
-from scipy import stats
+from scipy import optimize, stats
 
-from experiments import report, runner
+import lossbalance
+from experiments import benchmarks, report, runner, toy
 from experiments.__main__ import main
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARK_GROUPS = (("toy", "clfreg"), ("synthetic", "multidigits"))
+
+
+# -- every benchmark x every strategy, in --quick mode -------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def quick_runs(tmp_path_factory):
+    """Start the quick comparisons of every benchmark with every strategy (two processes)
+    when the module starts, so they run while the in-process tests do; `get(benchmark)`
+    waits for its process and returns (output folder, process log)."""
+    root = tmp_path_factory.mktemp("quick")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
+    processes = {}
+    for group in BENCHMARK_GROUPS:
+        calls = "; ".join(
+            f"codes.append(main(['compare', '--quick', '--strategies', 'all', "
+            f"'--benchmark', '{name}', '--out', r'{root / name}']))" for name in group)
+        code = (f"import sys; from experiments.__main__ import main; codes = []; {calls}; "
+                "sys.exit(max(codes))")
+        log = open(root / f"{'-'.join(group)}.log", "w")
+        process = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env,
+                                   stdout=log, stderr=subprocess.STDOUT)
+        for name in group:
+            processes[name] = (process, log, root / f"{'-'.join(group)}.log")
+
+    def get(name):
+        process, log, log_path = processes[name]
+        code = process.wait(timeout=900)
+        log.close()
+        text = log_path.read_text()
+        assert code == 0, text[-5000:]
+        return root / name, text
+
+    yield get
+    for process, log, _ in processes.values():
+        if process.poll() is None:
+            process.kill()
+        log.close()
+
+
+# -- statistics ------------------------------------------------------------------------
 
 
 def test_parse_strategy_specs():
@@ -17,6 +75,8 @@ def test_parse_strategy_specs():
     assert config == {"name": "gradnorm", "alpha": 0.5, "layer": "trunk_2"}
     with pytest.raises(ValueError, match="key=value"):
         runner.parse_strategy("gradnorm:alpha")
+    assert [runner.run_kind(s) for s in ("single:a", "ls:ratio=0.1", "cagrad:c=0.5")] == [
+        "single", "ls", "method"]
 
 
 def test_mean_and_confidence_interval():
@@ -28,24 +88,274 @@ def test_mean_and_confidence_interval():
     assert np.isnan(report.mean_and_ci([2.0])[1])
 
 
-def test_compare_writes_results_and_resumes(tmp_path, capsys):
-    out = tmp_path / "cmp"
-    argv = ["compare", "--strategies", "fixed,gradnorm:alpha=0.5", "--seeds", "2",
-            "--epochs", "2", "--out", str(out)]
+def test_delta_m_known_answer():
+    # accuracy 0.9 vs 0.8 (higher is better): -(0.9 - 0.8) / 0.8 = -0.125
+    # error 2.0 vs 2.5 (lower is better):     +(2.0 - 2.5) / 2.5 = -0.2
+    assert report.delta_m([0.9, 2.0], [0.8, 2.5], [True, False]) == pytest.approx(-16.25)
+    # worse on both: accuracy 0.6 vs 0.8 -> +0.25, error 3.0 vs 2.0 -> +0.5
+    assert report.delta_m([0.6, 3.0], [0.8, 2.0], [True, False]) == pytest.approx(37.5)
+    assert report.delta_m([1.0, 1.0], [1.0, 1.0], [True, False]) == 0.0
+
+
+# -- the toy problem -------------------------------------------------------------------
+
+
+def _by_hand(x1, x2):
+    f1 = math.log(max(abs(0.5 * (-x1 - 7) - math.tanh(-x2)), 5e-6)) + 6
+    f2 = math.log(max(abs(0.5 * (-x1 + 3) + math.tanh(-x2) + 2), 5e-6)) + 6
+    g1 = ((-x1 + 7) ** 2 + 0.1 * (-x2 - 8) ** 2) / 10 - 20
+    g2 = ((-x1 - 7) ** 2 + 0.1 * (-x2 - 8) ** 2) / 10 - 20
+    c1, c2 = max(math.tanh(x2 / 2), 0.0), max(math.tanh(-x2 / 2), 0.0)
+    return 0.1 * (c1 * f1 + c2 * g1), c1 * f2 + c2 * g2
+
+
+def test_toy_losses_match_the_formulas():
+    # x = (1, -2): upper gate closed (c1 = 0), c2 = tanh(1);
+    # g1 = (36 + 3.6)/10 - 20 = -16.04, g2 = (64 + 3.6)/10 - 20 = -13.24
+    l1, l2 = (float(v) for v in toy.toy_losses([1.0, -2.0]))
+    assert l1 == pytest.approx(0.1 * math.tanh(1) * -16.04, rel=1e-5)
+    assert l2 == pytest.approx(math.tanh(1) * -13.24, rel=1e-5)
+    # x = (1, 2): lower gate closed, c1 = tanh(1); f1 = log|-4 + tanh 2| + 6
+    l1, l2 = (float(v) for v in toy.toy_losses([1.0, 2.0]))
+    assert l1 == pytest.approx(0.1 * math.tanh(1) * (math.log(4 - math.tanh(2)) + 6), rel=1e-5)
+    assert l2 == pytest.approx(math.tanh(1) * (math.log(3 - math.tanh(2)) + 6), rel=1e-5)
+    # the clamp at 5e-6: f1's argument vanishes where 0.5(-x1 - 7) = tanh(-x2)
+    x2 = 1.0
+    x1 = -7 - 2 * math.tanh(-x2)
+    l1, _ = (float(v) for v in toy.toy_losses([x1, x2]))
+    assert l1 == pytest.approx(0.1 * math.tanh(0.5) * (math.log(5e-6) + 6), rel=1e-3)
+    for point in [(-8.5, 7.5), (9.0, 9.0), (-7.5, -0.5), (3.0, -8.4)]:
+        assert [float(v) for v in toy.toy_losses(point)] == pytest.approx(_by_hand(*point),
+                                                                          rel=1e-5)
+
+
+def _valley_floor_at_zero():
+    """x2* where d/dx2 [c2(x2) (4.9 + 0.01 (x2 + 8)^2 - 20)] = 0: at x1 = 0 the two task
+    gradients are then (-1.4 c2 * 0.1, 0) and (1.4 c2, 0), opposite: Pareto stationary."""
+    def slope(x2):
+        c2, dc2 = math.tanh(-x2 / 2), -0.5 / math.cosh(-x2 / 2) ** 2
+        return dc2 * (4.9 + 0.01 * (x2 + 8) ** 2 - 20) + c2 * 0.02 * (x2 + 8)
+    return optimize.brentq(slope, -9.0, -8.0)
+
+
+def test_pareto_stationarity_judgement():
+    x2 = _valley_floor_at_zero()
+    assert -8.45 < x2 < -8.3
+    assert toy.pareto_stationarity((0.0, x2)) < 1e-4
+    assert toy.reached_pareto_set((0.0, x2))
+    # the measure is scale-free: opposite gradients of any lengths give 0
+    g = toy.task_gradients((0.0, x2))
+    assert g[0] @ g[1] < 0 and np.linalg.norm(g[1]) > 5 * np.linalg.norm(g[0])
+    # not stationary: on the valley's slope, or beyond a task's optimum (x1 > 7), where
+    # both tasks pull x1 the same way
+    assert toy.pareto_stationarity((0.0, -6.0)) > 10 * toy.STATIONARITY_TOL
+    assert not toy.reached_pareto_set((0.0, -6.0))
+    assert toy.pareto_stationarity((9.0, x2)) == pytest.approx(1.0, abs=1e-3)
+    assert not toy.reached_pareto_set((9.0, x2))
+    # where Adam on the plain sum gets stuck from (9, 9) (the end of a 20k-step `fixed`
+    # run), on the upper plateau: not the Pareto set
+    assert not toy.reached_pareto_set((4.988123, 4.0137005))
+
+
+def test_min_norm_combination_matches_a_grid_search():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        g1, g2 = rng.normal(size=2), rng.normal(size=2)
+        d, gamma = toy.min_norm_combination(g1, g2)
+        grid = np.linspace(0, 1, 20001)
+        norms = np.linalg.norm(grid[:, None] * g1 + (1 - grid[:, None]) * g2, axis=1)
+        assert np.linalg.norm(d) == pytest.approx(norms.min(), abs=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["uncertainty", "famo"])  # strategies with state
+def test_toy_trainer_reset_equals_a_fresh_model(strategy):
+    """One model is reused for every start; its reset must leave no trace of the last."""
+    reused = toy._Trainer(strategy, seed=0, eager=True)
+    reused.train((9.0, 9.0), 2)
+    again = reused.train((-7.5, -0.5), 2)
+    fresh = toy._Trainer(strategy, seed=0, eager=True).train((-7.5, -0.5), 2)
+    assert again["trajectory"] == fresh["trajectory"]
+
+
+def test_toy_graph_mode_matches_eager_and_runs_epochs():
+    graph = toy._Trainer("pcgrad", seed=0, eager=False)
+    eager = toy._Trainer("pcgrad", seed=0, eager=True).train((-7.5, -0.5), 20)
+    np.testing.assert_allclose(graph.train((-7.5, -0.5), 20)["final"], eager["final"],
+                               rtol=1e-5)
+    steps = toy.STEPS_PER_EPOCH + 20  # two "epochs" (strategy.on_epoch_end in between)
+    result = graph.train((-7.5, -0.5), steps)
+    assert result["trajectory"][0] == [-7.5, -0.5]
+    assert len(result["trajectory"]) == len(range(0, steps + 1, toy.RECORD_EVERY)) + 1
+    assert result["trajectory"][-1] == result["final"]
+    assert np.isfinite(result["step_time_s"]) and result["finite"]
+
+
+# -- graph mode, baselines, user benchmarks and resuming ---------------------------------------------
+
+
+def test_graph_mode_run_selects_on_validation():
+    result = runner.run_one("clfreg", "pcgrad", 0, quick=True, eager=False, epochs=3)
+    history = result["history"]
+    assert result["best_epoch"] == int(np.argmin(history["val_loss"]))
+    assert result["validation"]["loss"] == pytest.approx(min(history["val_loss"]))
+    assert np.isfinite(result["step_time_s"]) and result["step_time_s"] > 0
+
+
+USER_BENCHMARK = '''
+import keras
+import numpy as np
+import lossbalance
+from experiments.benchmarks import Benchmark, TaskMetric, register_benchmark, split
+
+@register_benchmark("user_sines")
+def user_sines(seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-2, 2, size=(300, 4)).astype("float32")
+    y = {"a": np.sin(x[:, :1]).astype("float32"),
+         "b": (x[:, 1:2] > 0).astype("int64")}
+
+    def build_model(model_seed):
+        keras.utils.set_random_seed(model_seed)
+        inputs = keras.Input((4,))
+        h = keras.layers.Dense(16, activation="tanh", name="trunk")(inputs)
+        return lossbalance.BalancedModel(inputs, {"a": keras.layers.Dense(1, name="a")(h),
+                                                  "b": keras.layers.Dense(2, name="b")(h)})
+
+    train, validation, test = split(x, y, seed)
+    return Benchmark(
+        "user_sines", "a regression and a classification", train, validation, test,
+        build_model,
+        loss={"a": "mse",
+              "b": keras.losses.SparseCategoricalCrossentropy(from_logits=True)},
+        metrics={"a": ["mae"], "b": ["accuracy"]},
+        task_metrics=[TaskMetric("a", "a_mae", False), TaskMetric("b", "b_accuracy", True)],
+        epochs=3, batch_size=32)
+'''
+
+
+def test_user_benchmark_through_the_runner_and_resume(tmp_path, monkeypatch, capsys):
+    (tmp_path / "user_bench_module.py").write_text(textwrap.dedent(USER_BENCHMARK))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "user"
+    argv = ["compare", "--import", "user_bench_module", "--benchmark", "user_sines",
+            "--quick", "--strategies", "gradnorm:alpha=0.5", "--seeds", "2", "--epochs", "2",
+            "--out", str(out)]
     assert main(argv) == 0
+    assert "user_sines" in benchmarks.available_benchmarks()
     runs = sorted((out / "runs").glob("*.json"))
-    assert [p.name for p in runs] == ["fixed-seed0.json", "fixed-seed1.json",
-                                      "gradnorm_alpha=0.5-seed0.json",
-                                      "gradnorm_alpha=0.5-seed1.json"]
+    assert [p.name for p in runs] == [
+        f"{label}-seed{seed}.json"
+        for label in ["gradnorm_alpha=0.5", "ls_ratio=0.1", "ls_ratio=10", "single_a",
+                      "single_b"] for seed in (0, 1)]
     result = json.loads(runs[0].read_text())
-    assert set(result["test"]) >= {"loss", "digit_loss", "ink_loss", "digit_accuracy",
-                                   "ink_mae"}
-    assert len(result["history"]["val_digit_loss"]) == 2
+    assert set(result["test"]) >= {"loss", "a_loss", "b_loss", "a_mae", "b_accuracy"}
+    assert len(result["history"]["val_a_loss"]) == 2
+    rows = {row["strategy"]: row for row in _strategy_rows(out)}
+    assert np.isfinite(float(rows["gradnorm:alpha=0.5"]["delta_m"]))
     table = (out / "results.md").read_text()
-    assert "`gradnorm:alpha=0.5`" in table and "±" in table
-    assert (out / "metrics.png").stat().st_size > 0 and (out / "curves.png").exists()
+    assert "`gradnorm:alpha=0.5`" in table and "±" in table and "tuned LS" in table
+    assert (out / "metrics.png").stat().st_size > 0 and (out / "tradeoff.png").exists()
 
     stamps = {p.name: p.stat().st_mtime_ns for p in runs}
     assert main(argv) == 0  # everything found in DIR: nothing is rerun
     assert {p.name: p.stat().st_mtime_ns for p in runs} == stamps
-    assert "digit_accuracy" in capsys.readouterr().out
+    assert "b_accuracy" in capsys.readouterr().out
+
+    # registering the name again replaces the factory (and its cached builds)
+    calls = []
+
+    @benchmarks.register_benchmark("user_sines")
+    def replacement(seed=0):
+        calls.append(seed)
+        return benchmarks.get_benchmark("clfreg")
+
+    assert benchmarks.get_benchmark("user_sines").name == "clfreg" and calls == [0]
+
+
+def test_unknown_benchmark_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        main(["compare", "--benchmark", "nope"])
+    assert "available: " in capsys.readouterr().err
+    with pytest.raises(ValueError, match="Unknown benchmark"):
+        benchmarks.get_benchmark("nope")
+
+
+def test_multidigits_canvas_overlaps_two_digits():
+    bench = benchmarks.get_benchmark("multidigits")
+    assert bench.train.x.shape[1] == 140 and set(bench.task_names) == {"left", "right"}
+    canvas = bench.train.x.reshape(-1, 10, 14)
+    assert (canvas[:, :, :5].sum(axis=(1, 2)) > 0).all()   # left-only columns hold ink
+    assert (canvas[:, :, 9:].sum(axis=(1, 2)) > 0).all()   # right-only columns hold ink
+    assert 0.0 <= bench.train.x.min() and bench.train.x.max() <= 1.0
+    keras.backend.clear_session()
+
+
+# -- every benchmark x every strategy (outputs of the session's worker processes) --------
+
+
+def _strategy_rows(out):
+    with open(out / "results.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize("name", ["clfreg", "multidigits", "synthetic"])
+def test_supervised_benchmark_runs_every_strategy(quick_runs, name):
+    out, _ = quick_runs(name)
+    bench = benchmarks.get_benchmark(name)
+    expected = lossbalance.strategies.available()
+    rows = {row["strategy"]: row for row in _strategy_rows(out)}
+    assert set(expected) <= set(rows)
+    for strategy in expected:
+        run = json.loads(runner.run_path(out, strategy, 0).read_text())
+        assert run["kind"] == "method" and run["quick"]
+        assert set(run["test"]) >= {m.name for m in bench.task_metrics}
+        assert all(np.isfinite(run["test"][m.name]) for m in bench.task_metrics), strategy
+        assert np.isfinite(float(rows[strategy]["delta_m"])), strategy
+    # single-task baselines and the LS sweep ran beside them, and delta-m% is consistent
+    for task in bench.task_names:
+        assert runner.run_path(out, f"single:{task}", 0).exists()
+    kinds = {row["kind"] for row in rows.values()}
+    assert {"method", "single", "ls", "tuned_ls"} <= kinds
+    fixed = json.loads(runner.run_path(out, "fixed", 0).read_text())
+    singles = {m.name: json.loads(runner.run_path(out, f"single:{m.task}", 0).read_text())
+               ["test"][m.name] for m in bench.task_metrics}
+    expected_dm = report.delta_m([fixed["test"][m.name] for m in bench.task_metrics],
+                                 [singles[m.name] for m in bench.task_metrics],
+                                 [m.higher_is_better for m in bench.task_metrics])
+    assert float(rows["fixed"]["delta_m"]) == pytest.approx(expected_dm)
+    # a single-task baseline trains only its task, with weight 1
+    single = json.loads(runner.run_path(out, f"single:{bench.task_names[0]}", 0).read_text())
+    assert single["selection"] == f"val_{bench.task_names[0]}_loss"
+    assert single["history"][f"{bench.task_names[0]}_weight"] == [1.0]
+    assert f"{bench.task_names[1]}_loss" not in single["history"]  # not a task there
+    # the LS sweep's weights: w_k L_k(0) = K c_k / sum(c), c = (1, ratio) or all ones
+    sweep = next(json.loads(p.read_text()) for p in (out / "runs").glob("ls_*.json"))
+    ratio = float(sweep["strategy"].split("=")[-1])
+    c = np.array([1.0, ratio] if len(bench.task_names) == 2 else [1.0] * len(bench.task_names))
+    products = [sweep["weights"][t] * sweep["initial"]["validation"][f"{t}_loss"]
+                for t in bench.task_names]
+    np.testing.assert_allclose(products, len(c) * c / c.sum(), rtol=1e-6)
+    table = (out / "results.md").read_text()
+    assert "`fixed`" in table and "Δm%" in table and "tuned LS" in table
+    for plot in ["metrics.png", "curves.png"] + (
+            ["tradeoff.png"] if len(bench.task_names) == 2 else ["loss_ratio.png"]):
+        assert (out / plot).stat().st_size > 0, plot
+
+
+def test_toy_benchmark_runs_every_strategy(quick_runs):
+    out, _ = quick_runs("toy")
+    table = (out / "results.md").read_text()
+    for strategy in lossbalance.strategies.available():
+        run = json.loads(runner.run_path(out, strategy, 0).read_text())
+        assert len(run["starts"]) == len(toy.STARTS)
+        assert f"`{strategy}`" in table
+        # NaN (log of a negative loss, for log-based strategies) is never "reached"
+        assert all(s["finite"] or not s["reached"] for s in run["starts"]), strategy
+    for strategy in ("fixed", "pcgrad", "mgda"):
+        run = json.loads(runner.run_path(out, strategy, 0).read_text())
+        assert all(s["finite"] for s in run["starts"]), strategy
+    # (0, 0) sits where both gates are zero: with the published subgradient it moves.
+    fixed = json.loads(runner.run_path(out, "fixed", 0).read_text())
+    origin = fixed["starts"][toy.STARTS.index((0.0, 0.0))]
+    assert origin["final"] != [0.0, 0.0]
+    assert (out / "trajectories.png").stat().st_size > 0

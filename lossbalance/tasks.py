@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import keras
 from keras.src.trainers.compile_utils import get_loss
 
-from lossbalance.strategies.base import check_number
+from lossbalance.strategies.base import check_number, resolve_per_task
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,9 @@ class TaskLosses:
                 )
             per_output = [loss] * len(names)
 
-        weights = self._resolve_loss_weights(loss_weights, names)
+        weights = resolve_per_task(
+            "loss_weights", loss_weights, names, default=1.0, kind="output",
+            validate=lambda where, w: check_number(where, w, minimum=0.0))
         self.num_outputs = len(names)
         self.tasks = tuple(
             Task(name, i, spec if _is_data_dependent(spec)
@@ -109,35 +111,6 @@ class TaskLosses:
         )
         if not self.tasks:
             raise ValueError("Every output's loss is None: there is nothing to train.")
-
-    @staticmethod
-    def _resolve_loss_weights(loss_weights, names):
-        if loss_weights is None:
-            return [1.0] * len(names)
-        if isinstance(loss_weights, Mapping):
-            unknown = sorted(set(loss_weights) - set(names))
-            if unknown:
-                raise ValueError(
-                    f"`loss_weights` names output(s) {unknown} that the model does not "
-                    f"have; its outputs are {names}."
-                )
-            raw = [loss_weights.get(n, 1.0) for n in names]
-        elif _is_sequence(loss_weights):
-            if len(loss_weights) != len(names):
-                raise ValueError(
-                    f"`loss_weights` has {len(loss_weights)} entries but the model has "
-                    f"{len(names)} outputs {names}."
-                )
-            raw = list(loss_weights)
-        elif len(names) == 1:
-            raw = [loss_weights]
-        else:
-            raise ValueError(
-                "`loss_weights` must be a list in output order or a dict by output name; "
-                f"got {loss_weights!r}."
-            )
-        return [check_number(f"loss_weights[{n!r}]", w, minimum=0.0)
-                for n, w in zip(names, raw)]
 
     @property
     def names(self) -> tuple[str, ...]:

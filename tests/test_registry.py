@@ -136,7 +136,7 @@ def test_strategy_that_does_not_fit_the_model_fails_at_compile(strategy, match):
     (dict(loss=None), "needs a `loss`"),
     (dict(loss="no_such_loss"), "Unknown loss"),
     (dict(loss="mse", loss_weights=[1.0]), "1 entries but the model has 2"),
-    (dict(loss="mse", loss_weights={"depth": 1.0}), "does not have"),
+    (dict(loss="mse", loss_weights={"depth": 1.0}), r"unknown output\(s\) \['depth'\]"),
     (dict(loss="mse", loss_weights=[1.0, -2.0]), ">= 0"),
 ])
 def test_losses_that_do_not_match_the_outputs_fail_at_compile(kwargs, match):

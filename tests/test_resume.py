@@ -36,7 +36,8 @@ def _everything(model):
             + [v.numpy() for v in model.strategy.state_variables()])
 
 
-@pytest.mark.parametrize("strategy", ["uncertainty", "gradnorm", "pcgrad"])
+@pytest.mark.parametrize("strategy", ["uncertainty", "gradnorm", "pcgrad", "dwa", "famo",
+                                      "gradvac", "nash_mtl", "imtl"])
 def test_mid_epoch_resume_is_exact(two_head_data, strategy, tmp_path):
     uninterrupted = _train(two_head_data, strategy)
     with pytest.raises(KeyboardInterrupt):  # stops in the middle of the second epoch

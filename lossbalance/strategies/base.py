@@ -93,8 +93,11 @@ class Strategy(keras.layers.Layer):
 
         Keras saves no `SeedGenerator` state by itself; tracking it as a non-trainable
         weight makes a resumed run draw the same random numbers as an uninterrupted one.
-        `keras.utils.set_random_seed` seeds it when `seed` is None.
+        `keras.utils.set_random_seed` seeds it when `seed` is None; another `seed` than an
+        int or None raises.
         """
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"`seed` must be an int or None; got {seed!r}.")
         index = self.__dict__.get("_seed_generator_count", 0)
         self.__dict__["_seed_generator_count"] = index + 1
         # An explicit name keeps the state's path stable between a model and its reload.
@@ -226,11 +229,11 @@ def check_choice(name: str, value, choices):
     return value
 
 
-def resolve_per_task(name: str, value, task_names, *, default, validate):
+def resolve_per_task(name: str, value, task_names, *, default, validate, kind="task"):
     """Expand a per-task setting (scalar, list in task order, or dict by task name).
 
-    Returns a list in task order. Unknown or missing task names and wrong lengths raise
-    errors that list the model's tasks.
+    Returns a list in task order. Unknown names and wrong lengths raise errors that list
+    the model's tasks (or outputs, with `kind="output"`).
     """
     task_names = list(task_names)
     if value is None:
@@ -239,7 +242,7 @@ def resolve_per_task(name: str, value, task_names, *, default, validate):
         unknown = sorted(set(value) - set(task_names))
         if unknown:
             raise ValueError(
-                f"`{name}` names unknown task(s) {unknown}; the model's tasks are "
+                f"`{name}` names unknown {kind}(s) {unknown}; the model's {kind}s are "
                 f"{task_names}."
             )
         values = [value.get(task, default) for task in task_names]
@@ -247,8 +250,8 @@ def resolve_per_task(name: str, value, task_names, *, default, validate):
         if len(value) != len(task_names):
             raise ValueError(
                 f"`{name}` has {len(value)} entries but the model has "
-                f"{len(task_names)} tasks {task_names}; give one per task or a dict "
-                "by task name."
+                f"{len(task_names)} {kind}s {task_names}; give one per {kind} or a dict "
+                f"by {kind} name."
             )
         values = list(value)
     else:

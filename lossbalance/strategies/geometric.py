@@ -16,12 +16,42 @@ from lossbalance.strategies.base import LossWeighting, check_number
 from lossbalance.strategies.registry import register
 
 
-def _positive(losses, epsilon):
-    return tf.maximum(losses, epsilon)
+class _LogScalarisation(LossWeighting):
+    """A scalarisation S of the (clamped) losses, minimised through w_k = dS/dL_k.
+
+    Subclasses implement `scalarise(positive_losses) -> (weights, value of S)`.
+    """
+
+    def __init__(self, epsilon=1e-20, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = check_number("epsilon", epsilon, minimum=0.0, strict=True)
+
+    def scalarise(self, positive):
+        raise NotImplementedError
+
+    def _weights_and_value(self, losses):
+        """(weights, value, global losses), computed once per step (see `per_step`)."""
+        return per_step(self, "weights", losses, lambda: self._compute(losses))
+
+    def _compute(self, losses):
+        total = tf.cast(global_losses(losses, owner=self), tf.float32)
+        weights, value = self.scalarise(tf.maximum(total, self.epsilon))
+        return weights, value, total
+
+    def loss_weights(self, losses):
+        weights, _, _ = self._weights_and_value(losses)
+        return tf.stop_gradient(tf.cast(weights, losses.dtype))
+
+    def extra_loss(self, losses):
+        weights, value, total = self._weights_and_value(losses)
+        return tf.cast(surrogate_offset(value, weights, total), losses.dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "epsilon": self.epsilon}
 
 
 @register("gls", aliases=("geometric_mean",))
-class GeometricLossStrategy(LossWeighting):
+class GeometricLossStrategy(_LogScalarisation):
     """Minimise the geometric mean of the task losses (GLS).
 
     Formula: L = (prod_k L_k)^(1/K), computed as exp(mean_k log L_k) (no overflow of the
@@ -46,35 +76,13 @@ class GeometricLossStrategy(LossWeighting):
     CVPR Workshops 2019.
     """
 
-    def __init__(self, epsilon=1e-20, **kwargs):
-        super().__init__(**kwargs)
-        self.epsilon = check_number("epsilon", epsilon, minimum=0.0, strict=True)
-
-    def _weights_and_value(self, losses):
-        """(weights, value, global losses), computed once per step (see `per_step`)."""
-        return per_step(self, "weights", losses, lambda: self._compute(losses))
-
-    def _compute(self, losses):
-        total = tf.cast(global_losses(losses, owner=self), tf.float32)
-        positive = _positive(total, self.epsilon)
+    def scalarise(self, positive):
         value = tf.exp(tf.reduce_mean(tf.math.log(positive)))
-        weights = value / (float(self.num_tasks) * positive)
-        return weights, value, total
-
-    def loss_weights(self, losses):
-        weights, _, _ = self._weights_and_value(losses)
-        return tf.stop_gradient(tf.cast(weights, losses.dtype))
-
-    def extra_loss(self, losses):
-        weights, value, total = self._weights_and_value(losses)
-        return tf.cast(surrogate_offset(value, weights, total), losses.dtype)
-
-    def get_config(self):
-        return {**super().get_config(), "epsilon": self.epsilon}
+        return value / (float(self.num_tasks) * positive), value
 
 
 @register("scale_invariant", aliases=("si",))
-class ScaleInvariant(LossWeighting):
+class ScaleInvariant(_LogScalarisation):
     """Minimise the sum of the log task losses (scale-invariant linear scalarisation).
 
     Formula: S = sum_k log L_k, gradient sum_k g_k / L_k. The strategy uses the weights
@@ -98,26 +106,5 @@ class ScaleInvariant(LossWeighting):
     ICML 2022; also used as a baseline by FAMO (Liu et al., NeurIPS 2023).
     """
 
-    def __init__(self, epsilon=1e-20, **kwargs):
-        super().__init__(**kwargs)
-        self.epsilon = check_number("epsilon", epsilon, minimum=0.0, strict=True)
-
-    def _weights_and_value(self, losses):
-        """(weights, value, global losses), computed once per step (see `per_step`)."""
-        return per_step(self, "weights", losses, lambda: self._compute(losses))
-
-    def _compute(self, losses):
-        total = tf.cast(global_losses(losses, owner=self), tf.float32)
-        positive = _positive(total, self.epsilon)
-        return 1.0 / positive, tf.reduce_sum(tf.math.log(positive)), total
-
-    def loss_weights(self, losses):
-        weights, _, _ = self._weights_and_value(losses)
-        return tf.stop_gradient(tf.cast(weights, losses.dtype))
-
-    def extra_loss(self, losses):
-        weights, value, total = self._weights_and_value(losses)
-        return tf.cast(surrogate_offset(value, weights, total), losses.dtype)
-
-    def get_config(self):
-        return {**super().get_config(), "epsilon": self.epsilon}
+    def scalarise(self, positive):
+        return 1.0 / positive, tf.reduce_sum(tf.math.log(positive))

@@ -39,10 +39,8 @@ class GradDrop(JacobianAggregator):
     def __init__(self, leak=0.0, seed=None, **kwargs):
         super().__init__(**kwargs)
         self.leak = check_number("leak", leak, minimum=0.0, maximum=1.0)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"`seed` must be an int or None; got {seed!r}.")
+        self.seed_generator = self.add_seed_generator(seed)  # checks the seed
         self.seed = seed
-        self.seed_generator = self.add_seed_generator(seed)
 
     def aggregate(self, jacobian, losses):
         j = tf.convert_to_tensor(jacobian)

@@ -41,10 +41,8 @@ class GradVac(GramianWeighting):
     def __init__(self, beta=0.5, seed=None, **kwargs):
         super().__init__(**kwargs)
         self.beta = check_number("beta", beta, minimum=0.0, maximum=1.0)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"`seed` must be an int or None; got {seed!r}.")
+        self.seed_generator = self.add_seed_generator(seed)  # checks the seed
         self.seed = seed
-        self.seed_generator = self.add_seed_generator(seed)
 
     def build_state(self, num_tasks):
         self.targets = self.add_weight(shape=(num_tasks, num_tasks), name="targets",

@@ -35,10 +35,8 @@ class PCGrad(GramianWeighting):
 
     def __init__(self, seed=None, **kwargs):
         super().__init__(**kwargs)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"`seed` must be an int or None; got {seed!r}.")
+        self.seed_generator = self.add_seed_generator(seed)  # checks the seed
         self.seed = seed
-        self.seed_generator = self.add_seed_generator(seed)
 
     def projection_orders(self):
         """(K, K-1) int tensor: row i is the random order in which task i visits the others."""

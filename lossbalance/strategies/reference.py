@@ -48,10 +48,8 @@ class RandomWeights(GramianWeighting):
 
     def __init__(self, seed=None, **kwargs):
         super().__init__(**kwargs)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"`seed` must be an int or None; got {seed!r}.")
+        self.seed_generator = self.add_seed_generator(seed)  # checks the seed
         self.seed = seed
-        self.seed_generator = self.add_seed_generator(seed)
 
     def gramian_weights(self, gramian, losses):
         z = keras.random.normal((self.num_tasks,), seed=self.seed_generator)

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import keras
+import tensorflow as tf
 from keras.src.trainers.compile_utils import get_loss
 
 from lossbalance.strategies.base import check_number, resolve_per_task
@@ -45,6 +46,32 @@ def resolve_loss(identifier, where: str, y_true=None, y_pred=None) -> keras.loss
 
 def _is_data_dependent(identifier) -> bool:
     return isinstance(identifier, str) and identifier.lower() in _DATA_DEPENDENT_LOSSES
+
+
+def _check_shapes(task, target, prediction):
+    """Refuse targets that a loss would silently broadcast against the output.
+
+    Allowed, as in Keras: different ranks (sparse labels, squeezed targets) and a last
+    dimension of 1 in the targets (sparse class indices). Refused: another batch size, or
+    the same rank with different trailing sizes (e.g. (B, 3) targets for a (B, 1) output,
+    which MSE would broadcast to (B, 3) without a word).
+    """
+    t, p = getattr(target, "shape", None), getattr(prediction, "shape", None)
+    if t is None or p is None:
+        return
+    t, p = tf.TensorShape(t), tf.TensorShape(p)  # NumPy arrays in eager mode give tuples
+    if t.rank is None or p.rank is None or t.rank == 0:
+        return
+    if t[0] is not None and p[0] is not None and t[0] != p[0]:
+        raise ValueError(
+            f"Task {task!r}: {t[0]} targets for {p[0]} predictions in the batch; give one "
+            "target per sample.")
+    if t.rank == p.rank and t.rank >= 2 and t[-1] != 1 and t[1:] != p[1:] and \
+            None not in (*t[1:], *p[1:]):
+        raise ValueError(
+            f"Task {task!r}: targets of shape {tuple(t)} do not match its output of shape "
+            f"{tuple(p)}; the loss would broadcast them silently. Reshape the targets (or "
+            "the output) so that they match.")
 
 
 class TaskLosses:
@@ -153,6 +180,7 @@ class TaskLosses:
             weight = None
             if sample_weight is not None:
                 weight = self._select(sample_weight, task, "sample_weight")
+            _check_shapes(task.name, target, prediction)
             loss_fn = task.loss_fn
             if isinstance(loss_fn, str):
                 loss_fn = resolve_loss(loss_fn, f"output {task.name!r}", target, prediction)

@@ -95,3 +95,24 @@ def test_wrong_number_of_targets_is_named(two_head_data):
     model.compile(optimizer="sgd", loss=[TWO_HEAD_LOSS["cls"], "mse"])
     with pytest.raises(ValueError, match="1 entries but the model has 2 outputs"):
         model.fit(x, [y["cls"]], verbose=0)
+
+
+def test_targets_of_the_wrong_shape_are_refused(two_head_data):
+    x, y = two_head_data
+    model = make_trunk_model()
+    model.compile(optimizer="sgd", loss=TWO_HEAD_LOSS)
+    wide = dict(y, reg=np.repeat(y["reg"], 3, axis=1))  # (B, 3) for a (B, 1) output
+    with pytest.raises(ValueError, match=r"Task 'reg': targets of shape \(.*3\) do not match"):
+        model.fit(x, wide, batch_size=16, epochs=1, verbose=0)
+    # Keras' accepted forms still work: sparse labels of shape (B,) or (B, 1), (B,) targets.
+    ok = dict(cls=y["cls"][:, None], reg=y["reg"][:, 0])
+    model.fit(x, ok, batch_size=16, epochs=1, verbose=0)
+
+
+def test_target_shapes_are_checked_in_eager_mode_too(two_head_data):
+    x, y = two_head_data
+    model = make_trunk_model()
+    model.compile(optimizer="sgd", loss=TWO_HEAD_LOSS, run_eagerly=True)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match="do not match its output"):
+        model.fit(x, dict(y, reg=np.repeat(y["reg"], 2, axis=1)), batch_size=16, verbose=0)

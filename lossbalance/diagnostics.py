@@ -138,8 +138,7 @@ def inspect_batch(model, x, y, sample_weight=None, strategy=None) -> BatchInspec
         with tf.GradientTape(persistent=True) as tape:
             y_pred = model(x, training=False)
             raw = model._task_losses(y, y_pred, sample_weight)
-            task_losses = _transformed_task_losses(strategy, [
-                w * loss for w, loss in zip(model._task_losses.loss_weights, raw)])
+            task_losses = _transformed_task_losses(strategy, model._task_losses.weighted(raw))
             losses = tf.stack(task_losses)
         gradients = TaskGradients(task_gradients(tape, task_losses, variables), variables)
         del tape

@@ -256,8 +256,8 @@ class BalancedModel(keras.Model):
             y_pred = self(x, training=True)
             variables = self.trainable_variables  # after the call: it builds subclassed models
             raw_losses = self._task_losses(y, y_pred, sample_weight)
-            task_losses = _transformed_task_losses(strategy, [
-                w * loss for w, loss in zip(self._task_losses.loss_weights, raw_losses)],
+            task_losses = _transformed_task_losses(
+                strategy, self._task_losses.weighted(raw_losses),
                 separate=self._needs_persistent_tape())
             losses = tf.stack(task_losses)
             extra = strategy.extra_loss(losses)
@@ -285,9 +285,12 @@ class BalancedModel(keras.Model):
         def update():
             self.optimizer.apply(grads, variables)
             if getattr(strategy, "uses_post_step_losses", False):
-                # e.g. FAMO: the same batch's losses after the update (one forward pass).
+                # e.g. FAMO: the same batch's losses after the update (one forward pass),
+                # weighted and transformed as `losses` were.
                 after = self._task_losses(y, self(x, training=True), sample_weight)
-                strategy.update_after_step(losses, self._compile_weights(losses) * tf.stack(after))
+                after = _transformed_task_losses(
+                    strategy, self._task_losses.weighted(after), separate=False)
+                strategy.update_after_step(losses, tf.stack(after))
             return tf.constant(True)
 
         if guard.active:
@@ -309,15 +312,12 @@ class BalancedModel(keras.Model):
         return self.strategy.family != "loss" or getattr(
             self.strategy, "uses_layer_gradients", False)
 
-    def _compile_weights(self, like):
-        return tf.constant(self._task_losses.loss_weights, like.dtype)
-
     def _record(self, x, objective, raw_losses, weights):
         """Update the `loss`, `<task>_loss` and `<task>_weight` trackers."""
         batch = _batch_size(x)
         self._loss_tracker.update_state(_unscale_for_distribution(objective),
                                         sample_weight=batch)
-        compile_weights = self._compile_weights(raw_losses[0])
+        compile_weights = tf.constant(self._task_losses.loss_weights, raw_losses[0].dtype)
         self._task_loss_tracker.update_state(
             _unscale_for_distribution(tf.stack(raw_losses)), sample_weight=batch)
         self._task_weight_tracker.update_state(
@@ -428,17 +428,18 @@ class BalancedModel(keras.Model):
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         """The plain Keras total: sum_k loss_weight_k L_k plus regularisation losses."""
         self._require_compiled()
-        raw_losses = self._task_losses(y, y_pred, sample_weight)
-        total = tf.add_n([w * l for w, l in zip(self._task_losses.loss_weights, raw_losses)])
-        return _add(total, self._regularization_loss())
+        return self._plain_total(self._task_losses(y, y_pred, sample_weight))
+
+    def _plain_total(self, raw_losses):
+        return _add(tf.add_n(self._task_losses.weighted(raw_losses)),
+                    self._regularization_loss())
 
     def test_step(self, data):
         self._require_compiled()
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         y_pred = self(x, training=False)
         raw_losses = self._task_losses(y, y_pred, sample_weight)
-        total = tf.add_n([w * l for w, l in zip(self._task_losses.loss_weights, raw_losses)])
-        total = _add(total, self._regularization_loss())
+        total = self._plain_total(raw_losses)
         batch = _batch_size(x)
         self._loss_tracker.update_state(_unscale_for_distribution(total), sample_weight=batch)
         self._task_loss_tracker.update_state(

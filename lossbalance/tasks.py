@@ -147,6 +147,10 @@ class TaskLosses:
     def loss_weights(self) -> list[float]:
         return [task.loss_weight for task in self.tasks]
 
+    def weighted(self, losses):
+        """Each task's loss times its compile loss weight (what strategies balance)."""
+        return [task.loss_weight * loss for task, loss in zip(self.tasks, losses)]
+
     def _select(self, structure, task: Task, what: str):
         """The part of `y_true`, `y_pred` or `sample_weight` that belongs to `task`."""
         if isinstance(structure, Mapping):

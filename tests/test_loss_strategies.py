@@ -374,8 +374,8 @@ def test_stateful_strategies_compile_with_xla(name, two_head_data):
     ("stch", {"warmup_epochs": -1}, ValueError),
     ("stch", {"warmup_epochs": 1.5}, TypeError),
     ("stch", {"normalize": "yes"}, TypeError),
-    ("imtl_l", {"initial_scale": float("inf")}, ValueError),
-    ("imtl_l", {"initial_scale": None}, TypeError),
+    ("imtl_l", {"initial_log_scale": float("inf")}, ValueError),
+    ("imtl_l", {"initial_log_scale": None}, TypeError),
 ])
 def test_bad_hyper_parameters_raise_at_construction(name, kwargs, error):
     with pytest.raises(error):
@@ -395,7 +395,7 @@ def test_famo_min_losses_must_name_known_tasks():
     ("si", {}),
     ("famo", {"lr": 0.01, "gamma": 0.0, "min_losses": {"b": 0.1}}),
     ("stch", {"mu": 0.2, "warmup_epochs": 2, "normalize": False, "log_losses": False}),
-    ("imtl_l", {"initial_scale": -1.0}),
+    ("imtl_l", {"initial_log_scale": -1.0}),
 ])
 def test_config_round_trip(name, kwargs):
     strategy = strategies.get(name, **kwargs)

@@ -1,10 +1,10 @@
 """IMTL: impartial multi-task learning (Liu et al., 2021): IMTL-G, and IMTL-G with IMTL-L."""
 
-import keras
 import tensorflow as tf
 
 from lossbalance import solvers
-from lossbalance.strategies.base import GramianWeighting, check_number
+from lossbalance.strategies.base import GramianWeighting
+from lossbalance.strategies.imtl_l import LearnedLossScales
 from lossbalance.strategies.registry import register
 
 
@@ -48,7 +48,7 @@ class IMTLG(GramianWeighting):
 
 
 @register("imtl", aliases=("imtl_hybrid",))
-class IMTL(IMTLG):
+class IMTL(LearnedLossScales, IMTLG):
     """IMTL: IMTL-G on the gradients of losses balanced by IMTL-L's learned scales.
 
     Formula: each task has a trainable log-scale s_k (initial 0). The model balances the
@@ -69,24 +69,7 @@ class IMTL(IMTLG):
     Reference: L. Liu et al., "Towards Impartial Multi-task Learning", ICLR 2021.
     """
 
-    def __init__(self, initial_log_scale=0.0, **kwargs):
-        super().__init__(**kwargs)
-        self.initial_log_scale = check_number("initial_log_scale", initial_log_scale)
-
-    def build_state(self, num_tasks):
-        self.log_scale = self.add_weight(
-            shape=(num_tasks,), name="log_scale", trainable=True,
-            initializer=keras.initializers.Constant(self.initial_log_scale),
-            aggregation="mean")
-
     def transform_losses(self, losses):
         s = tf.cast(self.log_scale, losses.dtype)
         return tf.exp(s) * losses - s
 
-    @property
-    def scales(self):
-        """exp(s_k) for every task, as a NumPy array."""
-        return tf.exp(self.log_scale.value).numpy()
-
-    def get_config(self):
-        return {**super().get_config(), "initial_log_scale": self.initial_log_scale}

@@ -8,8 +8,32 @@ from lossbalance.strategies.base import LossWeighting, check_number
 from lossbalance.strategies.registry import register
 
 
+class LearnedLossScales:
+    """Mixin: one trainable log-scale s_k per task, trained by the model's optimizer and
+    saved with the model (IMTL-L, and the IMTL hybrid)."""
+
+    def __init__(self, initial_log_scale=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.initial_log_scale = check_number("initial_log_scale", initial_log_scale)
+
+    def build_state(self, num_tasks):
+        #: s_k, trained by the model's optimizer.
+        self.log_scale = self.add_weight(
+            shape=(num_tasks,), name="log_scale", trainable=True,
+            initializer=keras.initializers.Constant(self.initial_log_scale),
+            aggregation="mean")
+
+    @property
+    def scales(self):
+        """e^{s_k} for every task, as a NumPy array."""
+        return tf.exp(self.log_scale.value).numpy()
+
+    def get_config(self):
+        return {**super().get_config(), "initial_log_scale": self.initial_log_scale}
+
+
 @register("imtl_l")
-class IMTLL(LossWeighting):
+class IMTLL(LearnedLossScales, LossWeighting):
     """Learn one loss scale per task so that the scaled losses stay equal.
 
     Formula, with s_k a trainable variable per task:
@@ -19,7 +43,7 @@ class IMTLL(LossWeighting):
     every scaled loss equals 1, whatever the scale of the raw losses, so no task dominates
     for being measured in larger units. The logged `<task>_weight` is e^{s_k}.
 
-    Defaults: s_k starts at `initial_scale=0` (every weight 1). The scales are trained by
+    Defaults: s_k starts at `initial_log_scale=0` (every weight 1). The scales are trained by
     the model's own optimizer, with the model's learning rate, as uncertainty weighting
     does; they are variables of the strategy and saved with the model. Under
     `tf.distribute` the -s_k term is divided by the replica count, because the optimizer
@@ -32,21 +56,11 @@ class IMTLL(LossWeighting):
     the log term doubled, which moves the fixed point to scaled losses equal to 1.
 
     Args:
-        initial_scale: starting s_k for every task (a number).
+        initial_log_scale: starting s_k for every task (a number).
 
     Reference: L. Liu, Y. Li, Z. Kuang, J.-H. Xue, Y. Chen, W. Yang, Q. Liao, W. Zhang,
     "Towards Impartial Multi-task Learning", ICLR 2021.
     """
-
-    def __init__(self, initial_scale=0.0, **kwargs):
-        super().__init__(**kwargs)
-        self.initial_scale = check_number("initial_scale", initial_scale)
-
-    def build_state(self, num_tasks):
-        #: s_k, trained by the model's optimizer.
-        self.log_scale = self.add_weight(
-            shape=(num_tasks,), name="log_scale", trainable=True,
-            initializer=keras.initializers.Constant(self.initial_scale), aggregation="mean")
 
     def loss_weights(self, losses):
         # Differentiable: its gradient trains s through e^{s_k} L_k.
@@ -56,10 +70,3 @@ class IMTLL(LossWeighting):
         s = tf.cast(self.log_scale, losses.dtype)
         return -tf.reduce_sum(s) / tf.cast(num_replicas(), losses.dtype)
 
-    @property
-    def scales(self):
-        """e^{s_k} for every task, as a NumPy array."""
-        return tf.exp(self.log_scale.value).numpy()
-
-    def get_config(self):
-        return {**super().get_config(), "initial_scale": self.initial_scale}

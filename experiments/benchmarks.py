@@ -165,6 +165,23 @@ def split(x, y: dict, seed: int = 0, fractions=(0.6, 0.2)):
     return tuple(_take(x, y, index) for index in split_indices(len(x), seed, fractions))
 
 
+def trunk_and_heads(input_name, input_size, widths, heads):
+    """A builder `(seed) -> BalancedModel`: a ReLU MLP trunk of the given widths
+    (`trunk_1`, `trunk_2`, ...) with one linear head per task, {name: output units}."""
+
+    def build_model(model_seed: int) -> lossbalance.BalancedModel:
+        keras.utils.set_random_seed(model_seed)
+        inputs = keras.Input((input_size,), name=input_name)
+        h = inputs
+        for i, width in enumerate(widths):
+            h = keras.layers.Dense(width, activation="relu", name=f"trunk_{i + 1}")(h)
+        return lossbalance.BalancedModel(
+            inputs, {task: keras.layers.Dense(units, name=task)(h)
+                     for task, units in heads.items()})
+
+    return build_model
+
+
 @register_benchmark("clfreg")
 def clfreg(seed: int = 0) -> Benchmark:
     """A shared trunk with a classifier and a regressor, on scikit-learn's 8x8 digits.
@@ -183,15 +200,7 @@ def clfreg(seed: int = 0) -> Benchmark:
     }
     train, val, test = split_indices(len(x), seed)
 
-    def build_model(model_seed: int) -> lossbalance.BalancedModel:
-        keras.utils.set_random_seed(model_seed)
-        inputs = keras.Input((64,), name="pixels")
-        h = keras.layers.Dense(64, activation="relu", name="trunk_1")(inputs)
-        h = keras.layers.Dense(64, activation="relu", name="trunk_2")(h)
-        return lossbalance.BalancedModel(inputs, {
-            "digit": keras.layers.Dense(10, name="digit")(h),
-            "ink": keras.layers.Dense(1, name="ink")(h),
-        })
+    build_model = trunk_and_heads("pixels", 64, (64, 64), {"digit": 10, "ink": 1})
 
     return Benchmark(
         name="clfreg",
@@ -243,15 +252,7 @@ def multidigits(seed: int = 0, pairs=(3000, 1000, 1000)) -> Benchmark:
             "left": digits.target[left].astype("int64"),
             "right": digits.target[right].astype("int64")}))
 
-    def build_model(model_seed: int) -> lossbalance.BalancedModel:
-        keras.utils.set_random_seed(model_seed)
-        inputs = keras.Input((140,), name="canvas")
-        h = keras.layers.Dense(128, activation="relu", name="trunk_1")(inputs)
-        h = keras.layers.Dense(64, activation="relu", name="trunk_2")(h)
-        return lossbalance.BalancedModel(inputs, {
-            "left": keras.layers.Dense(10, name="left")(h),
-            "right": keras.layers.Dense(10, name="right")(h),
-        })
+    build_model = trunk_and_heads("canvas", 140, (128, 64), {"left": 10, "right": 10})
 
     ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     return Benchmark(
@@ -297,14 +298,7 @@ def synthetic(seed: int = 0, sigmas=SYNTHETIC_SIGMAS, n=(2000, 500, 500), inputs
     train, validation, test = split(x, y, seed, fractions)
     tasks = list(y)
 
-    def build_model(model_seed: int) -> lossbalance.BalancedModel:
-        keras.utils.set_random_seed(model_seed)
-        inputs_ = keras.Input((inputs,), name="x")
-        h = inputs_
-        for i in range(4):
-            h = keras.layers.Dense(100, activation="relu", name=f"trunk_{i + 1}")(h)
-        return lossbalance.BalancedModel(
-            inputs_, {task: keras.layers.Dense(outputs, name=task)(h) for task in tasks})
+    build_model = trunk_and_heads("x", inputs, (100,) * 4, dict.fromkeys(tasks, outputs))
 
     return Benchmark(
         name="synthetic",

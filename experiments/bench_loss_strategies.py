@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -36,15 +34,13 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import lossbalance  # noqa: E402
+from experiments import timing  # noqa: E402
 
 LOSS_STRATEGIES = ["fixed", "uncertainty", "dwa", "rlw", "gls", "scale_invariant", "famo",
                    "stch", "imtl_l"]
 TARGETS = {"famo": 1.4}
 DEFAULT_TARGET = 1.05
 CLASSES = 4
-#: "wall": elapsed time; "cpu": CPU time of this process (all TensorFlow threads), which
-#: does not count time spent waiting for cores taken by other processes on a busy machine.
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def make_data(num_tasks, samples, inputs, seed):
@@ -93,55 +89,20 @@ def make_models(args, num_tasks):
     return models
 
 
-def time_steps(model, iterator, steps, clock=time.perf_counter):
-    """Seconds of each of `steps` calls of the compiled train function."""
-    times = []
-    for _ in range(steps):
-        start = clock()
-        logs = model.train_function(iterator)
-        float(logs["loss"])  # waits for the step on asynchronous devices
-        times.append(clock() - start)
-    return times
-
-
 def benchmark(args, num_tasks):
     x, y = make_data(num_tasks, args.batch_size * 8, args.inputs, args.seed)
     dataset = (tf.data.Dataset.from_tensor_slices((x, y)).repeat()
                .batch(args.batch_size, drop_remainder=True).prefetch(4))
     models = make_models(args, num_tasks)
-    names = list(models)
-    iterators = {}
-    for name, model in models.items():  # builds, traces and compiles every train function
-        model.fit(dataset, epochs=1, steps_per_epoch=args.warmup, verbose=0, shuffle=False)
-        iterators[name] = iter(dataset)
-        time_steps(model, iterators[name], args.warmup)
-    per_step = {name: [] for name in names}
-    per_round = {name: [] for name in names}
-    for round_index in range(args.rounds):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            times = time_steps(models[name], iterators[name], args.steps, CLOCKS[args.clock])
-            per_step[name].extend(times)
-            per_round[name].append(statistics.median(times))
-    for name, model in models.items():
-        loss = model.evaluate(dataset, steps=2, verbose=0, return_dict=True)["loss"]
-        if not np.isfinite(loss):
-            raise RuntimeError(f"{name}: non-finite loss {loss} after training")
-    return per_step, per_round
-
-
-def summarise(per_step, per_round):
-    """name -> (median ms, ratio to keras, quartiles of per-round ratios, ratio to fixed)."""
-    base = statistics.median(per_step["keras"])
-    fixed = statistics.median(per_step["fixed"]) if "fixed" in per_step else None
-    rows = {}
-    for name, times in per_step.items():
-        median = statistics.median(times)
-        ratios = [r / b for r, b in zip(per_round[name], per_round["keras"])]
-        low, _, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-        rows[name] = (median * 1e3, median / base, low, high,
-                      None if fixed is None else median / fixed)
-    return rows
+    iterators = timing.warm_up(models, dataset, args.warmup)
+    per_step, per_round = timing.interleaved(models, iterators, args.rounds, args.steps,
+                                             args.clock)
+    timing.check_finite(models, dataset)
+    rows = timing.summarise(per_step, per_round)
+    fixed = rows.get("fixed")
+    # name -> (median ms, ratio to keras, quartiles of per-round ratios, ratio to fixed)
+    return {name: (*row, None if fixed is None else row[0] / fixed[0])
+            for name, row in rows.items()}
 
 
 def main(argv=None):
@@ -149,24 +110,13 @@ def main(argv=None):
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 16],
                         help="numbers of tasks K to benchmark (default: 2 16)")
     parser.add_argument("--strategies", nargs="+", default=LOSS_STRATEGIES)
-    parser.add_argument("--rounds", type=int, default=30,
-                        help="interleaved rounds; each times every configuration once")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
-    parser.add_argument("--warmup", type=int, default=5,
-                        help="untimed steps per configuration before the first round")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                        help="wall time (default) or process CPU time (for busy machines)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="TensorFlow intra- and inter-op threads (0: TensorFlow's default); "
-                             "1 with --clock cpu gives the steadiest figures on a busy machine")
+    timing.add_timing_arguments(parser, rounds=30, steps=10)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--inputs", type=int, default=64)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.threads:
-        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    timing.apply_threads(args.threads)
     for name in args.strategies:
         strategy = lossbalance.strategies.get(name)
         if strategy.family != "loss":
@@ -176,7 +126,7 @@ def main(argv=None):
     for num_tasks in args.tasks:
         print(f"K={num_tasks}: {args.rounds} rounds x {args.steps} steps per configuration "
               "...", file=sys.stderr, flush=True)
-        results[num_tasks] = summarise(*benchmark(args, num_tasks))
+        results[num_tasks] = benchmark(args, num_tasks)
 
     device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
     print(f"\nMedian step {args.clock} time and ratio to plain Keras ({device}, "

@@ -122,29 +122,9 @@ def _evaluate(model, split, batch_size=4096) -> dict:
     return {key: value / count for key, value in totals.items()}
 
 
-def shared_parameter_count(model, split) -> int:
-    """The number of parameters two or more tasks reach (for strategies with per-parameter
-    state, which `BalancedModel` does not size by itself yet)."""
-    import tensorflow as tf
-
-    from lossbalance.gradients import TaskGradients, task_gradients
-
-    part = split.head(8)
-    with tf.GradientTape(persistent=True) as tape:
-        y_pred = model(part.x, training=True)
-        losses = model._task_losses(part.y, y_pred)
-    variables = model.trainable_variables
-    gradients = TaskGradients(task_gradients(tape, losses, variables), variables)
-    del tape
-    return int(sum(np.prod(variables[i].shape) for i in gradients.shared))
-
-
 def _compile(model, benchmark, strategy, loss, eager):
     model.compile(optimizer=keras.optimizers.Adam(benchmark.learning_rate), loss=loss,
                   metrics=benchmark.metrics or None, strategy=strategy, run_eagerly=eager)
-    if getattr(model.strategy, "needs_parameter_state", False):
-        model.strategy.build_parameter_state(
-            shared_parameter_count(model, benchmark.train))
 
 
 def run_one(benchmark_name: str, strategy_spec: str, seed: int, *, epochs=None,

@@ -8,12 +8,14 @@
 from lossbalance import solvers, strategies
 from lossbalance.aggregation import aggregate, aggregate_with_weights, task_weights
 from lossbalance.model import BalancedModel, FunctionalBalancedModel
+from lossbalance.representation import Representation
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BalancedModel",
     "FunctionalBalancedModel",
+    "Representation",
     "aggregate",
     "aggregate_with_weights",
     "solvers",

@@ -21,6 +21,31 @@ def task_gradients(tape, losses, variables):
     return [tape.gradient(loss, values) for loss in losses]
 
 
+def count_shared_parameters(task_losses, variables, *inputs) -> int:
+    """The number of parameters that two or more tasks reach (P, the width of J).
+
+    Found by tracing, never running, one step's per-task gradients in a throwaway graph, so
+    no random draw, moving statistic or other state advances. `task_losses(*inputs)`
+    returns the K task losses (`inputs` are tensors or None, e.g. x, y, sample weights);
+    `variables()` returns the candidate variables, read after the forward pass (which
+    builds a subclassed model).
+    """
+    counted = []
+
+    def trace(*args):
+        with tf.GradientTape(persistent=True) as tape:
+            losses = task_losses(*args)
+        candidates = variables()
+        shared = TaskGradients(task_gradients(tape, losses, candidates), candidates).shared
+        counted.append(sum(math.prod(candidates[i].shape) for i in shared))
+        return tf.constant(0)
+
+    specs = tf.nest.map_structure(
+        lambda t: None if t is None else tf.type_spec_from_value(t), inputs)
+    tf.function(trace, autograph=False).get_concrete_function(*specs)
+    return int(counted[0])
+
+
 class TaskGradients:
     """The per-task gradients of one training step.
 
@@ -30,10 +55,12 @@ class TaskGradients:
 
     Attributes:
         shared: indices of the variables that two or more tasks reach.
+        common: indices of the variables that every task reaches.
         owner: for every variable that exactly one task reaches, that task's index.
     """
 
     def __init__(self, per_task, variables):
+        # `variables` may also hold tensors (the shared representation z).
         self.num_tasks = len(per_task)
         self.variables = list(variables)
         self.per_task = per_task
@@ -43,6 +70,8 @@ class TaskGradients:
         ]
         self.shared = [i for i, tasks in enumerate(reached_by) if len(tasks) >= 2]
         self.owner = {i: tasks[0] for i, tasks in enumerate(reached_by) if len(tasks) == 1}
+        #: Indices of the variables that every task reaches.
+        self.common = [i for i, tasks in enumerate(reached_by) if len(tasks) == self.num_tasks]
         shared_reach = {k for i in self.shared for k in reached_by[i]}
         #: Tasks that reach no shared variable (their row of J is zero).
         self.tasks_without_shared = [k for k in range(self.num_tasks) if k not in shared_reach]
@@ -87,7 +116,10 @@ class TaskGradients:
         result, offset = {}, 0
         for i in self.shared:
             shape = tuple(self.variables[i].shape)
-            size = math.prod(shape)
+            if None in shape:  # a representation with a dynamic batch size
+                shape, size = tf.shape(self.variables[i]), tf.size(self.variables[i])
+            else:
+                size = math.prod(shape)
             result[i] = tf.reshape(direction[offset: offset + size], shape)
             offset += size
         return result

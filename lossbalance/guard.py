@@ -11,6 +11,12 @@
 Under a `LossScaleOptimizer` (mixed precision) an overflowing gradient is expected and is the
 optimizer's to handle (it skips the step and lowers the scale); it does not count as a
 non-finite step, but the strategy's state is still restored, so overflow never leaks into it.
+
+In "skip" and "raise" modes a batch without rows (a `tf.data` filter can make one) also
+changes nothing: no optimizer update (Keras would step its optimizer on zero gradients,
+moving weights by momentum), strategy state restored, and it is not counted as a skipped
+step. With `None`, such a batch gets Keras' behaviour. In every mode it adds nothing to the
+logs.
 """
 
 from __future__ import annotations
@@ -19,6 +25,11 @@ import keras
 import tensorflow as tf
 
 MODES = (None, "skip", "raise")
+
+
+def has_rows(batch_size):
+    """Whether a batch is non-empty: a Python bool when its size is static, else a tensor."""
+    return batch_size > 0
 
 
 def all_finite(tensors) -> tf.Tensor:
@@ -58,15 +69,23 @@ class NonFiniteGuard:
     def snapshot(variables):
         return [tf.identity(v) for v in variables]
 
-    def decide(self, raw_losses, grads):
-        """(apply the update?, keep the strategy state?, a true non-finite step?)."""
+    def decide(self, raw_losses, grads, batch_size=1):
+        """(apply the update?, keep the strategy state?, a true non-finite step?, which
+        losses are finite). `apply` is Python True when the update needs no condition.
+
+        An empty batch is neither applied nor kept, and is not a non-finite step (mean
+        losses over zero rows may well be NaN).
+        """
+        rows = has_rows(batch_size)
         losses_ok = tf.math.is_finite(tf.stack(raw_losses))
         grads_ok = all_finite(grads)
         healthy = tf.reduce_all(losses_ok) & grads_ok
         bad = ~tf.reduce_all(losses_ok)
         if not self.loss_scaling:
             bad = bad | ~grads_ok
-        apply = ~bad if self.mode is not None else tf.constant(True)
+        apply = ~bad if self.mode is not None else True
+        if rows is not True:
+            apply, healthy, bad = apply & rows, healthy & rows, bad & rows
         return apply, healthy, bad, losses_ok
 
     def finish(self, healthy, bad, losses_ok, state, snapshot, step):

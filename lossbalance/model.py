@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import keras
@@ -18,10 +19,11 @@ from keras.src.models.functional import Functional
 from keras.src.models.model import Trainer, functional_init_arguments
 
 from lossbalance import strategies
-from lossbalance.gradients import TaskGradients, task_gradients
+from lossbalance.gradients import TaskGradients, count_shared_parameters, task_gradients
 from lossbalance.guard import MODES as NONFINITE_MODES
-from lossbalance.guard import NonFiniteCallback, NonFiniteGuard
+from lossbalance.guard import NonFiniteCallback, NonFiniteGuard, has_rows
 from lossbalance.metrics import TaskMeans
+from lossbalance.representation import RepresentationError, RepresentationForward
 from lossbalance.tasks import TaskLosses
 
 
@@ -41,6 +43,24 @@ def _add(a, b):
     if a is None:
         return b
     return a if b is None else a + b
+
+
+#: `compile(gradients=...)`: where gradient-level strategies balance the tasks.
+GRADIENT_LEVELS = ("parameters", "representation", "auto")
+
+
+class _GradientLevel:
+    """Plain holder (kept out of Keras' tracking) of the representation-level forward
+    pass, of which variables lie upstream of the representation (found once), and of the
+    Gramian strategy's weight solver (compiled with XLA where it says so)."""
+
+    def __init__(self, forward, strategy=None):
+        self.forward = forward
+        self.trunk_ids = None
+        self.gramian_weights = getattr(strategy, "gramian_weights", None)
+        if getattr(strategy, "compile_solver", False):
+            self.gramian_weights = tf.function(strategy.gramian_weights, jit_compile=True,
+                                               autograph=False)
 
 
 @dataclass
@@ -110,6 +130,7 @@ class BalancedModel(keras.Model):
         self._task_losses = None
         self._guard = None
         self._balancing_config = None
+        self._levels = _GradientLevel(None)
 
     # -- compile -------------------------------------------------------------------------
 
@@ -122,6 +143,8 @@ class BalancedModel(keras.Model):
         weighted_metrics=None,
         strategy="fixed",
         nonfinite=None,
+        gradients="parameters",
+        representation=None,
         run_eagerly=False,
         steps_per_execution=1,
         jit_compile="auto",
@@ -136,19 +159,36 @@ class BalancedModel(keras.Model):
                 before the strategy sees it (and multiply a `fixed` strategy's weights).
             strategy: a registered name (`lossbalance.strategies.available()`), a
                 `Strategy` instance, or a config dict such as `{"name": "cagrad", "c": 0.5}`.
-                Default `"fixed"`: equal weights, exactly stock Keras.
+                Default `"fixed"`: equal weights, exactly stock Keras. An instance that
+                holds state serves one model at a time.
             nonfinite: None (Keras' behaviour), `"skip"` (a step with a non-finite task
                 loss or gradient changes nothing; `skipped_steps` counts them in the logs)
                 or `"raise"` (that step is skipped, then a `FloatingPointError` names the
                 task and the step).
+            gradients: where a gradient-level strategy balances the tasks.
+                `"parameters"` (default): the exact per-task gradients of every shared
+                parameter. `"representation"`: the per-task gradients with respect to the
+                shared representation z where the heads branch (MGDA-UB), then one backward
+                pass through the trunk; much cheaper, an approximation of the parameter
+                level. `"auto"`: the representation level when the model has one and the
+                strategy is defined there, else the parameter level. Loss-level
+                strategies compute no per-task gradients; `"representation"` is refused.
+            representation: for a functional model, the name of the layer whose output
+                is z (default: found where the heads branch). A subclassed model declares
+                z with a `lossbalance.Representation()` layer in `call`.
             The other arguments are passed to `keras.Model.compile`.
         """
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"`nonfinite` must be None, 'skip' or 'raise'; got {nonfinite!r}.")
+        if gradients not in GRADIENT_LEVELS:
+            raise ValueError(f"`gradients` must be one of {list(GRADIENT_LEVELS)}; got "
+                             f"{gradients!r}.")
         task_losses = TaskLosses(loss, loss_weights, self._known_output_names())
         strategy = strategies.get(strategy)
         strategy.bind(task_losses.names)
         self._check_strategy_fits(strategy)
+        forward = self._representation_forward(strategy, task_losses, gradients,
+                                                representation)
         if len(task_losses.tasks) == 1:
             warnings.warn(
                 f"BalancedModel has a single task ({task_losses.names[0]!r}): there is "
@@ -177,12 +217,55 @@ class BalancedModel(keras.Model):
                 if old is not None and old is not strategy:
                     self._tracker.untrack(old)
             self.strategy = strategy
+            strategy.__dict__["_lossbalance_model"] = weakref.ref(self)  # untracked
             self._task_loss_tracker = TaskMeans(task_losses.names, "_loss")
             self._task_weight_tracker = TaskMeans(task_losses.names, "_weight")
             self._skipped_steps_tracker = guard.skipped_steps
         self._guard = guard
+        # A plain attribute holder: the forward shares the model's layers, untracked.
+        self._levels = _GradientLevel(forward, strategy)
         self._balancing_config = {"loss": loss, "loss_weights": loss_weights,
-                                  "strategy": strategy, "nonfinite": nonfinite}
+                                  "strategy": strategy, "nonfinite": nonfinite,
+                                  "gradients": gradients, "representation": representation}
+
+    @property
+    def gradient_level(self) -> str | None:
+        """"parameters" or "representation": where the compiled strategy balances the
+        per-task gradients (None for loss-level strategies or before `compile`)."""
+        if self._task_losses is None or self.strategy.family == "loss" and not getattr(
+                self.strategy, "uses_layer_gradients", False):
+            return None
+        return "parameters" if self._levels.forward is None else "representation"
+
+    def _representation_forward(self, strategy, task_losses, gradients, representation):
+        """The (z, outputs) forward pass for `gradients="representation"`, or None."""
+        name = strategy.registry_name or type(strategy).__name__
+        if strategy.family == "loss":
+            if gradients == "representation":
+                raise ValueError(
+                    f"Strategy {name!r} weights the task losses and computes no per-task "
+                    "gradients, so gradients='representation' does not apply to it. Use a "
+                    "gradient-level strategy (e.g. 'mgda'), or leave `gradients` out.")
+            return None
+        if gradients == "parameters":
+            if representation is not None:
+                raise ValueError(
+                    f"representation={representation!r} is only used with "
+                    "gradients='representation' or 'auto'.")
+            return None
+        if "representation" not in strategy.gradient_levels:
+            if gradients == "auto":
+                return None
+            raise ValueError(
+                f"Strategy {name!r} is only defined at the parameter level (it keeps state "
+                "for every shared parameter); use gradients='parameters'.")
+        positions = [task.position for task in task_losses.tasks]
+        try:
+            return RepresentationForward(self, positions, representation)
+        except RepresentationError:
+            if gradients == "auto" and representation is None:
+                return None
+            raise
 
     def _known_output_names(self):
         names = getattr(self, "output_names", None)
@@ -196,6 +279,15 @@ class BalancedModel(keras.Model):
                 f"is not supported yet under tf.distribute with {replicas} replicas. Use a "
                 "loss-weighting strategy or a single device."
             )
+        other = strategy.__dict__.get("_lossbalance_model", lambda: None)()  # a weakref
+        if other is not None and other is not self and getattr(other, "strategy", None) \
+                is strategy and strategy.state_variables():
+            raise ValueError(
+                f"Strategy {strategy.name!r} is already used by model {other.name!r}; its "
+                "state (weights, moving averages, random seeds) would be shared by both, "
+                "each model's steps changing the other's. Give each model its own strategy: "
+                "pass a name or a config dict (e.g. {'name': 'pcgrad', 'seed': 0}), which "
+                "makes a fresh one at every compile.")
         layer = getattr(strategy, "layer", None)
         if getattr(strategy, "uses_layer_gradients", False) and layer is not None:
             names = [l.name for l in self._flatten_layers(include_self=False)]
@@ -247,15 +339,20 @@ class BalancedModel(keras.Model):
         self._require_compiled()
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         strategy, guard = self.strategy, self._guard
-        if guard.active:  # strategy state is restored if the step turns out non-finite
+        self._build_parameter_state(x, y, sample_weight)  # before the snapshot covers it
+        if guard.active:  # strategy state is restored if the step is non-finite or empty
             state = strategy.state_variables()
             snapshot = guard.snapshot(state)
 
         # Everything differentiated below is computed inside the tape, scaling included.
         with tf.GradientTape(persistent=self._needs_persistent_tape()) as tape:
-            y_pred = self(x, training=True)
+            representation = None
+            if self._levels.forward is None:
+                y_pred = self(x, training=True)
+            else:  # one pass that also returns the shared representation z
+                representation, y_pred = self._levels.forward(x, training=True)
             variables = self.trainable_variables  # after the call: it builds subclassed models
-            raw_losses = self._task_losses(y, y_pred, sample_weight)
+            raw_losses = self._task_losses(y, y_pred, sample_weight, training=True)
             task_losses = _transformed_task_losses(
                 strategy, self._task_losses.weighted(raw_losses),
                 separate=self._needs_persistent_tape())
@@ -276,7 +373,8 @@ class BalancedModel(keras.Model):
         if strategy.family == "loss":
             grads = tape.gradient(scaled, variables)
         else:
-            grads, weights = self._task_gradient_update(tape, scaled, losses, variables)
+            grads, weights = self._task_gradient_update(tape, scaled, losses, variables,
+                                                        representation)
             objective = _add(tf.reduce_sum(tf.stop_gradient(weights) * losses), other)
         if getattr(strategy, "uses_layer_gradients", False):
             self._update_from_layer_gradients(tape, task_losses, variables)
@@ -295,13 +393,13 @@ class BalancedModel(keras.Model):
 
         if guard.active:
             step = self.optimizer.iterations + 0
-            apply, healthy, bad, losses_ok = guard.decide(raw_losses, grads)
-            if guard.mode is None:
+            apply, healthy, bad, losses_ok = guard.decide(raw_losses, grads, _batch_size(x))
+            if apply is True:
                 update()
             else:
                 if not self.optimizer.built:
                     self.optimizer.build(variables)
-                tf.cond(apply, update, lambda: tf.constant(False))
+                tf.cond(tf.convert_to_tensor(apply), update, lambda: tf.constant(False))
             guard.finish(healthy, bad, losses_ok, state, snapshot, step)
         else:
             update()
@@ -312,18 +410,39 @@ class BalancedModel(keras.Model):
         return self.strategy.family != "loss" or getattr(
             self.strategy, "uses_layer_gradients", False)
 
+    def _build_parameter_state(self, x, y, sample_weight):
+        """Create K x P strategy state (MoCo, DB-MTL, ExcessMTL) before the first step,
+        so that a skipped first step restores it; P is counted by tracing, not running,
+        the per-task gradients (see `lossbalance.strategies.parameter_state`)."""
+        strategy = self.strategy
+        if not getattr(strategy, "needs_parameter_state", False) or \
+                strategy.num_parameters is not None:
+            return
+        own = {id(v) for v in strategy.trainable_variables}
+        strategy.build_parameter_state(count_shared_parameters(
+            lambda x, y, sw: self._task_losses(y, self(x, training=True), sw),
+            lambda: [v for v in self.trainable_variables if id(v) not in own],
+            x, y, sample_weight))
+
     def _record(self, x, objective, raw_losses, weights):
-        """Update the `loss`, `<task>_loss` and `<task>_weight` trackers."""
+        """Update the `loss`, `<task>_loss` and `<task>_weight` trackers. An empty batch
+        adds nothing (its mean losses, and so its weights, may be NaN)."""
         batch = _batch_size(x)
+        compile_weights = tf.constant(self._task_losses.loss_weights, raw_losses[0].dtype)
+        losses, weights = tf.stack(raw_losses), tf.cast(weights, compile_weights.dtype)
+        rows, counted = has_rows(batch), None
+        if rows is not True:
+            objective, losses, weights = (tf.where(rows, v, tf.zeros_like(v))
+                                          for v in (objective, losses, weights))
+            counted = tf.cast(rows, compile_weights.dtype)
         self._loss_tracker.update_state(_unscale_for_distribution(objective),
                                         sample_weight=batch)
-        compile_weights = tf.constant(self._task_losses.loss_weights, raw_losses[0].dtype)
         self._task_loss_tracker.update_state(
-            _unscale_for_distribution(tf.stack(raw_losses)), sample_weight=batch)
-        self._task_weight_tracker.update_state(
-            compile_weights * tf.cast(weights, compile_weights.dtype))
+            _unscale_for_distribution(losses), sample_weight=batch)
+        self._task_weight_tracker.update_state(compile_weights * weights,
+                                               sample_weight=counted)
 
-    def _task_gradient_update(self, tape, scaled, losses, variables):
+    def _task_gradient_update(self, tape, scaled, losses, variables, representation):
         """Gradient-level strategies: the update for every trainable variable.
 
         Model variables get the strategy's combination on shared variables and each task's
@@ -334,7 +453,7 @@ class BalancedModel(keras.Model):
         own_ids = {id(v) for v in own}
         model_variables = [v for v in variables if id(v) not in own_ids]
         model_grads, weights = self._combine_task_gradients(
-            tape, scaled.tasks, scaled.other, losses, model_variables)
+            tape, scaled.tasks, scaled.other, losses, model_variables, representation)
         by_id = dict(zip(map(id, model_variables), model_grads))
         if own:
             by_id.update(zip(map(id, own), tape.gradient(scaled.own, own)))
@@ -348,74 +467,145 @@ class BalancedModel(keras.Model):
             return None
         return tf.add_n([self._aggregate_additional_loss(loss) for loss in extra])
 
-    def _combine_task_gradients(self, tape, scaled_losses, scaled_other, losses, variables):
+    def _combine_task_gradients(self, tape, scaled_losses, scaled_other, losses, variables,
+                                representation=None):
         """Gradient-level strategies: per-task gradients, combined on shared variables.
 
-        The gradients come from loss-scaled losses (mixed precision); the strategy sees them
-        unscaled, and the combination stays scaled for `optimizer.apply` to unscale.
+        At the parameter level the per-task gradients of every variable are taken and
+        combined on the shared ones. At the representation level they are taken with
+        respect to z and the heads' variables only, combined on z, and the combination
+        goes through the trunk in one backward pass (the trunk's variables being those
+        upstream of z). Gradients come from loss-scaled losses (mixed precision); the
+        strategy sees them unscaled, and the combination stays scaled for
+        `optimizer.apply` to unscale.
         """
-        gradients = TaskGradients(task_gradients(tape, scaled_losses, variables), variables)
+        other_grads = None
+        if scaled_other is not None:
+            other_grads = tape.gradient(scaled_other, [v.value for v in variables])
+        if representation is None:
+            gradients = TaskGradients(task_gradients(tape, scaled_losses, variables), variables)
+            self._check_task_gradients(gradients)
+            shared, weights = self._strategy_update(gradients, losses)
+            return gradients.gradients(shared, other_grads), weights
+
+        trunk = self._trunk_indices(tape, representation, variables)
+        heads = [i for i in range(len(variables)) if i not in trunk]
+        sources = [representation] + [variables[i] for i in heads]
+        gradients = TaskGradients(task_gradients(tape, scaled_losses, sources), sources)
+        self._check_task_gradients(gradients, at_representation=True)
+        shared, weights = self._strategy_update(gradients, losses)
+        grads = [None] * len(variables)
+        trunk_grads = tape.gradient(representation, [variables[i].value for i in trunk],
+                                    output_gradients=shared[0])
+        for i, g in zip(trunk, trunk_grads):
+            grads[i] = g
+        for i, g in zip(heads, gradients.gradients(shared)[1:]):
+            grads[i] = g
+        if other_grads is not None:
+            grads = [o if g is None else g if o is None else g + o
+                     for g, o in zip(grads, other_grads)]
+        return grads, weights
+
+    def _trunk_indices(self, tape, representation, variables):
+        """Indices of the variables upstream of the representation (found once)."""
+        levels = self._levels
+        if levels.trunk_ids is None:  # structure only: unused ops are pruned from graphs
+            reached = tape.gradient(representation, [v.value for v in variables])
+            levels.trunk_ids = {id(v) for v, g in zip(variables, reached) if g is not None}
+        return [i for i, v in enumerate(variables) if id(v) in levels.trunk_ids]
+
+    def _check_task_gradients(self, gradients, at_representation=False):
+        name = self.strategy.registry_name
+        if at_representation and gradients.has_shared:
+            where = f"the representation {self._levels.forward.layer_name!r}"
+            detached = [self._task_losses.names[k] for k in range(gradients.num_tasks)
+                        if gradients.per_task[k][0] is None]
+            if detached:
+                raise ValueError(
+                    f"Task(s) {detached} do not depend on {where}, so strategy {name!r} "
+                    "cannot balance them there. Build every head on it, or use "
+                    "gradients='parameters'.")
+            after = [gradients.variables[i].path for i in gradients.shared if i != 0]
+            if after:
+                raise ValueError(
+                    f"Variables {after} come after {where} and are shared by several "
+                    "tasks, so it is not where the heads branch. Name a later layer with "
+                    "compile(representation=...), or use gradients='parameters'.")
+            return
         if not gradients.has_shared:
             raise ValueError(
                 "No trainable variable is shared by two or more tasks, so there is nothing "
-                f"for strategy {self.strategy.registry_name!r} to balance: the heads share "
+                f"for strategy {name!r} to balance: the heads share "
                 "no trunk. Check that every head is built on the shared layers."
             )
         detached = [self._task_losses.names[k] for k in gradients.tasks_without_shared]
         if detached:
             raise ValueError(
                 f"Task(s) {detached} do not depend on any variable shared with the other "
-                f"tasks, so strategy {self.strategy.registry_name!r} cannot balance them "
+                f"tasks, so strategy {name!r} cannot balance them "
                 "against the others. Build every head on the shared trunk, or train such "
                 "a task separately."
             )
-        other_grads = None
-        if scaled_other is not None:
-            other_grads = tape.gradient(scaled_other, [v.value for v in variables])
+
+    def _strategy_update(self, gradients, losses):
+        """The strategy's combination of the shared rows: ({index: update}, weights)."""
         scale = self.optimizer.scale_loss(tf.ones((), losses.dtype)) if self._scales_loss() else None
         strategy = self.strategy
         if strategy.family == "gramian":
             gramian = gradients.gramian(losses.dtype)
             if scale is not None:
                 gramian /= scale * scale
-            weights = strategy.gramian_weights(gramian, losses)
-            shared = gradients.combine(weights)
-        else:
-            jacobian = gradients.jacobian()
-            if scale is not None:
-                jacobian /= tf.cast(scale, jacobian.dtype)
-            direction, weights = strategy.aggregate(jacobian, losses)
-            if scale is not None:
-                direction *= tf.cast(scale, direction.dtype)
-            shared = gradients.unflatten(direction)
-        return gradients.gradients(shared, other_grads), weights
+            weights = self._levels.gramian_weights(gramian, losses)
+            return gradients.combine(weights), weights
+        jacobian = gradients.jacobian()
+        if scale is not None:
+            jacobian /= tf.cast(scale, jacobian.dtype)
+        direction, weights = strategy.aggregate(jacobian, losses)
+        if scale is not None:
+            direction *= tf.cast(scale, direction.dtype)
+        return gradients.unflatten(direction), weights
 
     def _update_from_layer_gradients(self, tape, task_losses, variables):
         """GradNorm-style strategies: each task's gradient norm at one shared layer."""
         layer_variables = self._balance_layer_variables(tape, task_losses, variables)
         values = [v.value for v in layer_variables]
-        norms = []
-        for task_loss in task_losses:
+        norms, unreached = [], []
+        for task, task_loss in zip(self._task_losses.names, task_losses):
             grads = [g for g in tape.gradient(task_loss, values) if g is not None]
             norms.append(tf.linalg.global_norm(grads) if grads else tf.zeros(()))
+            if not grads:
+                unreached.append(task)
+        if unreached:  # only a named layer can miss a task
+            raise ValueError(
+                f"{type(self.strategy).__name__}(layer={self.strategy.layer!r}): task(s) "
+                f"{unreached} do not depend on that layer, so their gradient norm there is "
+                "0 and cannot be balanced. Name a layer of the trunk that every task "
+                "depends on, or leave layer=None for the last layer they all share.")
         self.strategy.update_with_gradient_norms(tf.stack(norms), tf.stack(task_losses))
 
     def _balance_layer_variables(self, tape, task_losses, variables):
         name = self.strategy.layer
-        if name is not None:
-            layer = self.get_layer(name)
+        if name is not None:  # nested layers too, as `_check_strategy_fits` accepts them
+            layer = next((l for l in self._flatten_layers(include_self=False)
+                          if l.name == name), None) or self.get_layer(name)
             if not layer.trainable_weights:
-                raise ValueError(f"Layer {name!r} has no trainable weights to balance at.")
+                raise ValueError(
+                    f"Layer {name!r} has no trainable weights to balance at (frozen, or "
+                    "without weights). Name a trainable layer of the shared trunk, or leave "
+                    "layer=None for the last layer every task depends on.")
             return layer.trainable_weights
         gradients = TaskGradients(task_gradients(tape, task_losses, variables), variables)
-        if not gradients.has_shared:
+        if not gradients.common:
+            why = ("the heads share no trunk" if not gradients.has_shared else
+                   "some heads branch off separately")
             raise ValueError(
-                f"Strategy {self.strategy.registry_name!r} needs a layer shared by the "
-                "tasks, but no trainable variable is shared: the heads share no trunk.")
-        last_shared = variables[gradients.shared[-1]]
-        owner = self._owning_layer(last_shared)
-        shared_ids = {id(variables[i]) for i in gradients.shared}
-        return [v for v in owner.trainable_weights if id(v) in shared_ids]
+                f"Strategy {self.strategy.registry_name!r} needs a layer that every task "
+                f"depends on, but no trainable variable is shared by all tasks: {why}. "
+                "Build every head on a common trunk.")
+        last_common = variables[gradients.common[-1]]
+        owner = self._owning_layer(last_common)
+        common_ids = {id(variables[i]) for i in gradients.common}
+        return [v for v in owner.trainable_weights if id(v) in common_ids]
 
     def _owning_layer(self, variable):
         """The innermost layer that holds `variable`."""

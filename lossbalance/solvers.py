@@ -200,11 +200,14 @@ def box_qp(gramian, lower, max_iterations=500, active_set_iterations=8, ridge=0.
     semi-definite; the problem is solved for the Gramian as given (normalise it, and add
     the ridge, before calling when the method allows).
 
-    Solver: accelerated projected gradient (FISTA with adaptive restart, step 1/lambda_max)
-    on all rows at once, stopped when no row moves more than 1e-15, or after
-    `max_iterations`; then a primal-dual active-set method (Hintermueller, Ito & Kunisch
-    2002) started from the active set found, which solves the KKT system exactly. Each row
-    keeps the active-set answer when it is feasible and no worse than the gradient one.
+    Solver: a primal-dual active-set method (Hintermueller, Ito & Kunisch 2002) on all rows
+    at once, started from every bound active; it solves the KKT system exactly once it
+    finds the active set, usually in a few K x K solves. Should a row fail the KKT check
+    after `active_set_iterations`, all rows are solved again by accelerated projected
+    gradient (FISTA with adaptive restart, step 1/lambda_max, stopped when no row moves
+    more than 1e-15 or after `max_iterations`) followed by the active-set method started
+    from the active set found; each row keeps the active-set answer when it is feasible
+    and no worse than the gradient one.
 
     Returns (M, K) weights in the input dtype.
     """
@@ -212,12 +215,72 @@ def box_qp(gramian, lower, max_iterations=500, active_set_iterations=8, ridge=0.
     u = tf.cast(lower, _F64)
     k = tf.shape(g)[0]
     g = 0.5 * (g + tf.transpose(g)) + ridge * tf.eye(k, dtype=_F64)
-    lipschitz = tf.reduce_max(tf.linalg.eigvalsh(g))
-    zero = ~(lipschitz > TINY)
-    step = 1.0 / tf.where(zero, tf.ones_like(lipschitz), lipschitz)
+    scale = tf.reduce_max(tf.abs(u), axis=-1, keepdims=True) + 1.0
+    g_scale = tf.reduce_max(tf.abs(tf.linalg.diag_part(g)))
+    zero = ~(g_scale > TINY)
 
     def objective(w):
         return 0.5 * tf.reduce_sum(w * tf.matmul(w, g), axis=-1)
+
+    # The first step from "every bound active" (w = u) needs no solve: its multipliers
+    # are G u.
+    first = _box_active_set(g, u, tf.matmul(u, g) > 0, active_set_iterations)
+    # KKT: w >= u, and G w >= 0 with (G w)_i = 0 where w_i > u_i.
+    gw = tf.matmul(first, g)
+    tolerance = 1e-9 * (g_scale + TINY) * tf.reduce_max(tf.abs(first), axis=-1, keepdims=True)
+    free = first > u + 1e-12 * scale
+    kkt = (tf.reduce_all(tf.math.is_finite(first))
+           & tf.reduce_all(first >= u - 1e-12 * scale)
+           & tf.reduce_all(gw >= -tolerance)
+           & tf.reduce_all(tf.where(free, tf.abs(gw) <= tolerance, True)))
+
+    def fallback():
+        w = _box_projected_gradient(g, u, max_iterations)
+        active = (w - u) <= 1e-9 * scale
+        candidate = _box_active_set(g, u, active, active_set_iterations)
+        finite = tf.reduce_all(tf.math.is_finite(candidate), axis=-1)
+        candidate = tf.where(finite[:, None], candidate, w)
+        feasible = finite & tf.reduce_all(candidate >= u - 1e-12 * scale, axis=-1)
+        candidate = tf.maximum(candidate, u)
+        better = feasible & (objective(candidate)
+                             <= objective(w) + 1e-14 * tf.abs(objective(w)))
+        return tf.where(better[:, None], candidate, w)
+
+    w = tf.cond(kkt, lambda: tf.maximum(first, u), fallback)
+    w = tf.where(zero, u, w)
+    return tf.cast(w, dtype)
+
+
+def _box_active_set(g, u, active, iterations):
+    """Primal-dual active-set steps for min_{w >= u} w^T G w / 2, from `active` (M, K);
+    stops early once no row's active set changes."""
+    k = tf.shape(g)[0]
+    eye = tf.eye(k, dtype=_F64)
+
+    def solve(active):
+        a = tf.cast(active, _F64)
+        f = 1.0 - a
+        systems = g[None] * f[:, :, None] * f[:, None, :] + eye[None] * a[:, None, :]
+        rhs = u * a - f * tf.matmul(u * a, g)
+        return tf.linalg.solve(systems + 1e-15 * eye[None], rhs[:, :, None])[:, :, 0]
+
+    def step(i, active, x, changed):
+        x = solve(active)
+        multipliers = tf.matmul(x, g)  # = lambda on the active set, 0 on the free set
+        new_active = (multipliers + (u - x)) > 0
+        return i + 1, new_active, x, tf.reduce_any(new_active != active)
+
+    _, _, x, _ = tf.while_loop(
+        lambda i, active, x, changed: (i < iterations) & changed, step,
+        (tf.constant(0), active, u, tf.constant(True)),
+        maximum_iterations=max(iterations, 1))
+    return x
+
+
+def _box_projected_gradient(g, u, max_iterations):
+    """FISTA with adaptive restart for min_{w >= u} w^T G w / 2, every row of u at once."""
+    lipschitz = tf.reduce_max(tf.linalg.eigvalsh(g))
+    step = 1.0 / tf.where(lipschitz > TINY, lipschitz, tf.ones_like(lipschitz))
 
     def cond(i, w, y, t, moved):
         return (i < max_iterations) & (moved > 1e-15)
@@ -233,37 +296,11 @@ def box_qp(gramian, lower, max_iterations=500, active_set_iterations=8, ridge=0.
         moved = tf.reduce_max(tf.abs(w_new - w))
         return i + 1, w_new, y_new, t_new, moved
 
-    m = tf.shape(u)[0]
-    ones = tf.ones([m], _F64)
+    ones = tf.ones([tf.shape(u)[0]], _F64)
     _, w, _, _, _ = tf.while_loop(
         cond, body, (tf.constant(0), u, u, ones, tf.constant(1.0, _F64)),
         maximum_iterations=max_iterations)
-
-    # Primal-dual active set from the gradient answer.
-    scale = tf.reduce_max(tf.abs(u), axis=-1, keepdims=True) + 1.0
-    active = (w - u) <= 1e-9 * scale
-    eye = tf.eye(k, dtype=_F64)
-
-    def active_set_step(i, active, x):
-        a = tf.cast(active, _F64)
-        f = 1.0 - a
-        systems = g[None] * f[:, :, None] * f[:, None, :] + eye[None] * a[:, None, :]
-        rhs = u * a - f * tf.matmul(u * a, g)
-        x = tf.linalg.solve(systems + 1e-15 * eye[None], rhs[:, :, None])[:, :, 0]
-        multipliers = tf.matmul(x, g)  # = lambda on the active set, 0 on the free set
-        return i + 1, (multipliers + (u - x)) > 0, x
-
-    _, _, candidate = tf.while_loop(
-        lambda i, active, x: i < active_set_iterations, active_set_step,
-        (tf.constant(0), active, w), maximum_iterations=max(active_set_iterations, 1))
-    finite = tf.reduce_all(tf.math.is_finite(candidate), axis=-1)
-    candidate = tf.where(finite[:, None], candidate, w)
-    feasible = finite & tf.reduce_all(candidate >= u - 1e-12 * scale, axis=-1)
-    candidate = tf.maximum(candidate, u)
-    better = feasible & (objective(candidate) <= objective(w) + 1e-14 * tf.abs(objective(w)))
-    w = tf.where(better[:, None], candidate, w)
-    w = tf.where(zero, u, w)
-    return tf.cast(w, dtype)
+    return w
 
 
 # -- w > 0 with G w = w^(-1/alpha) (Nash-MTL, FairGrad) -------------------------------------

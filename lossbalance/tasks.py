@@ -74,6 +74,39 @@ def _check_shapes(task, target, prediction):
             "the output) so that they match.")
 
 
+def _is_keras_loss(loss_fn) -> bool:
+    """Whether `loss_fn` is one of Keras' own losses (which expect dense targets)."""
+    fn = getattr(loss_fn, "fn", None)  # a LossFunctionWrapper wraps a plain function
+    owner = fn if callable(fn) else type(loss_fn)
+    return getattr(owner, "__module__", "").startswith("keras.")
+
+
+def _check_ragged(task, target, prediction, loss_fn):
+    """Refuse ragged targets that a Keras loss would broadcast against a dense output."""
+    if not isinstance(target, tf.RaggedTensor) or isinstance(prediction, tf.RaggedTensor) \
+            or not _is_keras_loss(loss_fn):
+        return
+    raise ValueError(
+        f"Task {task!r}: the targets are a tf.RaggedTensor (rows of different lengths) but "
+        f"the model's output is dense, of shape {tuple(prediction.shape)}, and Keras' loss "
+        f"{getattr(loss_fn, 'name', loss_fn)!r} would broadcast every row against it "
+        "without an error. Make the targets dense (`targets.to_tensor()`, or "
+        "`padded_batch` in tf.data, with a sample weight of 0 on the padding), or give "
+        f"task {task!r} a loss function of your own that handles ragged targets.")
+
+
+def _check_trainable(task, prediction):
+    """Refuse, in training, an output that no gradient can flow through."""
+    dtype = getattr(prediction, "dtype", None)
+    if dtype is None or tf.as_dtype(dtype).is_floating or tf.as_dtype(dtype).is_complex:
+        return
+    raise ValueError(
+        f"Task {task!r}: the model's output has dtype {tf.as_dtype(dtype).name}, which "
+        "carries no gradient, so its loss cannot train the model. Output float values "
+        "(logits or probabilities) and take argmax or rounding outside the model, or give "
+        f"output {task!r} the loss None (metrics still work) to leave it untrained.")
+
+
 class TaskLosses:
     """The model's tasks and how to compute each task's loss.
 
@@ -175,8 +208,12 @@ class TaskLosses:
             )
         return structure
 
-    def __call__(self, y_true, y_pred, sample_weight=None):
-        """The K task losses, unweighted, in task order (a list of scalar tensors)."""
+    def __call__(self, y_true, y_pred, sample_weight=None, training=False):
+        """The K task losses, unweighted, in task order (a list of scalar tensors).
+
+        With `training`, an output that no gradient flows through (an integer or boolean
+        dtype, e.g. an argmax) is refused, as its loss could not train anything.
+        """
         losses = []
         for task in self.tasks:
             target = self._select(y_true, task, "y (the targets)")
@@ -185,8 +222,17 @@ class TaskLosses:
             if sample_weight is not None:
                 weight = self._select(sample_weight, task, "sample_weight")
             _check_shapes(task.name, target, prediction)
+            if training:
+                _check_trainable(task.name, prediction)
             loss_fn = task.loss_fn
             if isinstance(loss_fn, str):
                 loss_fn = resolve_loss(loss_fn, f"output {task.name!r}", target, prediction)
-            losses.append(loss_fn(target, prediction, weight))
+            _check_ragged(task.name, target, prediction, loss_fn)
+            loss = loss_fn(target, prediction, weight)
+            if loss.shape.rank and loss.shape.num_elements() == 0:
+                # A batch known to be empty: Keras returns the unreduced, empty per-sample
+                # losses. Their sum is 0, what Keras' reduction gives when the size is only
+                # known later, and keeps the loss connected to the model's variables.
+                loss = tf.reduce_sum(loss)
+            losses.append(loss)
         return losses

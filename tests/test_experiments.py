@@ -359,3 +359,32 @@ def test_toy_benchmark_runs_every_strategy(quick_runs):
     origin = fixed["starts"][toy.STARTS.index((0.0, 0.0))]
     assert origin["final"] != [0.0, 0.0]
     assert (out / "trajectories.png").stat().st_size > 0
+
+
+# -- the step-time benchmarks run (their figures are for the README, not for tests) --------
+
+
+def test_gradient_benchmark_prints_its_tables(capsys):
+    from experiments import bench_gradient_strategies as bench
+
+    bench.main(["--quick", "--solvers", "mgda", "imtl_g"])
+    out = capsys.readouterr().out
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| mlp | 2 |")]
+    assert len(rows) == 1
+    keras_ms, parameters, representation = rows[0][4], rows[0][5], rows[0][6]
+    assert float(keras_ms) > 0
+    assert all(float(cell.split()[0]) > 0 for cell in (parameters, representation))
+    solver_rows = {line.split("|")[1].strip(" `") for line in out.splitlines()
+                   if line.startswith("| `")}
+    assert solver_rows == {"mgda", "imtl_g"}
+
+
+def test_loss_benchmark_prints_its_table(capsys):
+    from experiments import bench_loss_strategies as bench
+
+    bench.main(["--tasks", "2", "--strategies", "fixed", "famo", "--rounds", "2",
+                "--steps", "1", "--warmup", "1"])
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines()
+            if line.startswith("| ")}
+    assert {"plain keras.Model", "`fixed`", "`famo`"} <= set(rows)

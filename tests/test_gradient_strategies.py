@@ -267,12 +267,16 @@ def data():
     return x, y
 
 
+@pytest.mark.parametrize("gradients", ["parameters", "representation"])
 @pytest.mark.parametrize("name", GRADIENT_METHODS)
-def test_trains_in_fit_with_xla(name, data):
+def test_trains_in_fit_with_xla(name, gradients, data):
     x, y = data
+    if gradients not in lossbalance.strategies.get(name).gradient_levels:
+        pytest.skip(f"{name} is defined at the parameter level only")
     model = make_trunk_model()
     model.compile(optimizer=keras.optimizers.SGD(0.05), loss=TWO_HEAD_LOSS,
-                  strategy=name, jit_compile=True)
+                  strategy=name, jit_compile=True, gradients=gradients)
+    assert model.gradient_level == gradients
     history = model.fit(x, y, batch_size=32, epochs=3, verbose=0).history
     total = np.array(history["cls_loss"]) + np.array(history["reg_loss"])
     assert np.all(np.isfinite(total)) and np.all(np.isfinite(history["loss"]))

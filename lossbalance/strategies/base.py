@@ -37,6 +37,10 @@ class Strategy(keras.layers.Layer):
     registry_name: str | None = None
     #: "loss", "gramian" or "jacobian": which contract the strategy implements.
     family: str = ""
+    #: Where a gradient-level strategy is defined: at "parameters" (per-task gradients of
+    #: the shared parameters) and/or at "representation" (with respect to the shared
+    #: representation; `BalancedModel.compile(gradients=...)`).
+    gradient_levels: tuple[str, ...] = ("parameters", "representation")
 
     def __init__(self, name=None, **kwargs):
         unknown = sorted(set(kwargs) - _LAYER_ARGUMENTS)
@@ -156,7 +160,7 @@ class LossWeighting(Strategy):
     uses_post_step_losses: bool = False
     #: When True, `BalancedModel` calls `update_with_gradient_norms(norms, losses)` with
     #: each task's gradient norm at one shared layer (GradNorm needs this); the strategy's
-    #: `layer` attribute names the layer, None for the last shared layer.
+    #: `layer` attribute names the layer, None for the last layer every task depends on.
     uses_layer_gradients: bool = False
 
     def loss_weights(self, losses: tf.Tensor) -> tf.Tensor:
@@ -177,6 +181,11 @@ class GramianWeighting(Strategy):
     """
 
     family = "gramian"
+    #: Whether `BalancedModel` compiles `gramian_weights` with XLA even in a step that is
+    #: not: worth it for solvers that loop many times over tiny K-vectors (a graph pays an
+    #: executor round trip per op and iteration), not for those built on `tf.linalg`
+    #: decompositions, which XLA runs much slower than TensorFlow's kernels on CPU.
+    compile_solver = False
 
     def gramian_weights(self, gramian: tf.Tensor, losses: tf.Tensor) -> tf.Tensor:
         """(K, K) Gramian and (K,) losses -> (K,) weights."""

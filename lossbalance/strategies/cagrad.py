@@ -40,6 +40,8 @@ class CAGrad(GramianWeighting):
     for Multi-task Learning", NeurIPS 2021.
     """
 
+    compile_solver = True  # a loop of small steps (see GramianWeighting)
+
     def __init__(self, c=0.4, rescale=True, max_iterations=500, **kwargs):
         super().__init__(**kwargs)
         self.c = check_number("c", c, minimum=0.0)

@@ -21,9 +21,9 @@ class DBMTL(ParameterStateAggregator):
     no moving average is kept (m_k = g_k) and the method needs no per-parameter state.
     The logged `<task>_loss` stays the raw loss; the objective logged as `loss` is the sum
     of weighted log losses. The moving averages M (K x P) are sized by the shared parameter
-    count, so they are created by `build_parameter_state(P)`
-    on first use from the Jacobian's width, and
-    rebuilt from the config (`num_parameters`) when a saved model loads.
+    count, so they are created by `build_parameter_state(P)`: by `BalancedModel` before
+    its first step, or on first use from the Jacobian's width, and rebuilt from the
+    config (`num_parameters`) when a saved model loads.
 
     Args:
         beta: moving-average rate, in [0, 1).

@@ -23,9 +23,9 @@ class ExcessMTL(ParameterStateAggregator):
     Defaults: `robust_step_size=1e-2` (eta). Follows the authors' code as ported to LibMTL:
     the first step only records e^(1) and keeps w = 1; weights are renormalised to sum to K
     (a *sum* convention). The accumulators (K x P) are sized by the shared parameter count,
-    so they are created by `build_parameter_state(P)` on first use from the
-    Jacobian's width, and rebuilt from the config (`num_parameters`) when a saved model
-    loads.
+    so they are created by `build_parameter_state(P)`: by `BalancedModel` before its first
+    step, or on first use from the Jacobian's width, and rebuilt from the config
+    (`num_parameters`) when a saved model loads.
 
     Args:
         robust_step_size: eta, >= 0.

@@ -21,8 +21,8 @@ class GradNorm(LossWeighting):
     sum to K. A task that trains slowly (large r_k) is pushed toward a larger gradient.
 
     Defaults: `alpha=1.5` (the paper's value for its multi-task experiments); weights
-    start at 1; L_k(0) is the loss at the first training step; W is the last shared layer,
-    found automatically (the shared layer closest to the heads) or named with `layer=`; the
+    start at 1; L_k(0) is the loss at the first training step; W is the layer closest to
+    the heads that every task depends on, found automatically, or named with `layer=`; the
     weight optimizer is Adam with `learning_rate=0.025`. The paper does not fix the
     weights' optimizer; 0.025 is this package's choice (tune it like any learning rate).
     The gradient norms are taken of each task's loss as compiled (with
@@ -41,7 +41,7 @@ class GradNorm(LossWeighting):
     """
 
     #: `BalancedModel` gives `update_with_gradient_norms` each task's gradient norm at the
-    #: layer named by `layer` (or the last shared layer).
+    #: layer named by `layer` (or the last layer every task depends on).
     uses_layer_gradients = True
 
     def __init__(self, alpha=1.5, learning_rate=0.025, optimizer="adam", layer=None,

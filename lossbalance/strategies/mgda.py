@@ -45,6 +45,8 @@ class MGDA(GramianWeighting):
     multiobjective optimization", C. R. Math. 2012.
     """
 
+    compile_solver = True  # a loop of small steps (see GramianWeighting)
+
     def __init__(self, normalization="none", weights_on="original", max_iterations=1000,
                  **kwargs):
         super().__init__(**kwargs)

@@ -34,9 +34,10 @@ class MoCo(ParameterStateAggregator):
     uses Y Y^T as is, as the paper and LibMTL do.
 
     State: Y (K x P), lambda (K,) and the step counter are non-trainable variables; Y is
-    sized by the shared parameter count P, so it is created by `build_parameter_state(P)`
-    on first use from the Jacobian's width, and rebuilt from the config
-    (`num_parameters`) when a saved model loads (see `lossbalance.strategies.parameter_state`).
+    sized by the shared parameter count P, so it is created by `build_parameter_state(P)`:
+    by `BalancedModel` before its first step, or on first use from the Jacobian's width,
+    and rebuilt from the config (`num_parameters`) when a saved model loads (see
+    `lossbalance.strategies.parameter_state`).
 
     Args:
         beta, beta_sigma, gamma, gamma_sigma: step sizes and decay exponents (>= 0).

@@ -4,14 +4,16 @@ A few methods keep, between steps, a vector per task as long as the shared param
 (MoCo's tracked gradients, DB-MTL's gradient moving averages, ExcessMTL's AdaGrad-style
 accumulators). The strategy contract's `build_state(num_tasks)` does not know the parameter
 count P, so these strategies create that state in `build_parameter_state(P)`:
-* on first use, from the Jacobian's static width: `aggregate` calls it when the state is
-  missing, and the variables are created eagerly (`tf.init_scope`) even when that first use
-  is the trace of `BalancedModel`'s compiled step;
+* by `BalancedModel`, before its first training step: it counts the shared parameters by
+  tracing (not running) one step's per-task gradients
+  (`lossbalance.gradients.count_shared_parameters`), so the state exists before the step
+  begins and `compile(nonfinite="skip")` restores it after a non-finite first step;
+* on first use otherwise (the low-level `lossbalance.aggregate`, a custom loop), from the
+  Jacobian's static width: `aggregate` calls it when the state is missing, and the
+  variables are created eagerly (`tf.init_scope`) even inside a traced function;
 * P is then part of the strategy's config (`num_parameters`), so a saved model rebuilds
   the state in `bind` (at `compile_from_config`) before its weights are loaded.
 Calling `build_parameter_state(P)` yourself before training does the same, explicitly.
-A dedicated hook in `BalancedModel` (create strategy state sized by the shared parameters
-when the model and strategy are first built) would make the first-use creation unneeded.
 """
 
 import tensorflow as tf
@@ -24,6 +26,8 @@ class ParameterStateAggregator(JacobianAggregator):
 
     #: True when this instance needs `build_parameter_state` before its first step.
     needs_parameter_state = True
+    #: The state is sized by the shared parameters, so there is no representation level.
+    gradient_levels = ("parameters",)
 
     def __init__(self, num_parameters=None, **kwargs):
         super().__init__(**kwargs)
@@ -54,7 +58,9 @@ class ParameterStateAggregator(JacobianAggregator):
             if self.num_parameters != num_parameters:
                 raise ValueError(
                     f"{type(self).__name__} already holds state for {self.num_parameters} "
-                    f"shared parameters; got {num_parameters}. Create a new strategy.")
+                    f"shared parameters; got {num_parameters}. Its state belongs to the "
+                    "model it was first trained with: give this model a new strategy "
+                    "(pass the name or a config dict).")
             return
         self.num_parameters = num_parameters
         unlocked = getattr(self, "_tracker", None)
@@ -85,4 +91,6 @@ class ParameterStateAggregator(JacobianAggregator):
         elif size is not None and size != self.num_parameters:
             raise ValueError(
                 f"{type(self).__name__} holds state for {self.num_parameters} shared "
-                f"parameters, but the Jacobian has {size} columns.")
+                f"parameters, but the Jacobian has {size} columns. Its state belongs to "
+                "another model or input width: use a new strategy (pass the name or a "
+                "config dict).")

@@ -1,0 +1,97 @@
+"""Interleaved step timing of compiled Keras models, shared by the benchmark scripts.
+
+Every model is built, traced and warmed up with `fit`; then its compiled `train_function`
+is called directly on its own iterator, one step a call, and timed. Runs are interleaved:
+each round times `steps` steps of every configuration, in a rotated order, so that drifts
+and bursts of load on a shared machine hit all configurations alike. `summarise` gives each
+configuration's median step time, its ratio to a baseline's median, and the quartiles of the
+per-round ratios as a measure of noise.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+
+#: "wall": elapsed time; "cpu": CPU time of this process (all TensorFlow threads), which
+#: does not count time spent waiting for cores taken by other processes on a busy machine.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_steps(model, iterator, steps, clock=time.perf_counter):
+    """Seconds of each of `steps` calls of the compiled train function."""
+    times = []
+    for _ in range(steps):
+        start = clock()
+        logs = model.train_function(iterator)
+        float(logs["loss"])  # waits for the step on asynchronous devices
+        times.append(clock() - start)
+    return times
+
+
+def warm_up(models, dataset, steps):
+    """Build, trace and compile every model's train function; return their iterators."""
+    iterators = {}
+    for name, model in models.items():
+        model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False)
+        iterators[name] = iter(dataset)
+        time_steps(model, iterators[name], steps)
+    return iterators
+
+
+def interleaved(models, iterators, rounds, steps, clock="wall"):
+    """({name: every step's time}, {name: each round's median}) over `rounds` rounds."""
+    names = list(models)
+    per_step = {name: [] for name in names}
+    per_round = {name: [] for name in names}
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            times = time_steps(models[name], iterators[name], steps, CLOCKS[clock])
+            per_step[name].extend(times)
+            per_round[name].append(statistics.median(times))
+    return per_step, per_round
+
+
+def check_finite(models, dataset):
+    for name, model in models.items():
+        loss = model.evaluate(dataset, steps=2, verbose=0, return_dict=True)["loss"]
+        if not np.isfinite(loss):
+            raise RuntimeError(f"{name}: non-finite loss {loss} after training")
+
+
+def summarise(per_step, per_round, baseline="keras"):
+    """name -> (median ms, ratio to the baseline, lower and upper quartile of the
+    per-round ratios)."""
+    base = statistics.median(per_step[baseline])
+    rows = {}
+    for name, times in per_step.items():
+        median = statistics.median(times)
+        ratios = [r / b for r, b in zip(per_round[name], per_round[baseline])]
+        low, _, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        rows[name] = (median * 1e3, median / base, low, high)
+    return rows
+
+
+def add_timing_arguments(parser, rounds, steps, warmup=5):
+    parser.add_argument("--rounds", type=int, default=rounds,
+                        help="interleaved rounds; each times every configuration once")
+    parser.add_argument("--steps", type=int, default=steps, help="timed steps per round")
+    parser.add_argument("--warmup", type=int, default=warmup,
+                        help="untimed steps per configuration before the first round")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall time (default) or process CPU time (for busy machines)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="TensorFlow intra- and inter-op threads (0: TensorFlow's "
+                             "default); 1 with --clock cpu gives the steadiest figures on a "
+                             "busy machine")
+
+
+def apply_threads(threads):
+    import tensorflow as tf
+
+    if threads:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)

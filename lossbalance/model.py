@@ -403,7 +403,8 @@ class BalancedModel(keras.Model):
             guard.finish(healthy, bad, losses_ok, state, snapshot, step)
         else:
             update()
-        self._record(x, objective, raw_losses, weights)
+        self._record(x, objective, raw_losses, weights,
+                     skipped=bad if guard.mode is not None else None)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     def _needs_persistent_tape(self):
@@ -424,17 +425,21 @@ class BalancedModel(keras.Model):
             lambda: [v for v in self.trainable_variables if id(v) not in own],
             x, y, sample_weight))
 
-    def _record(self, x, objective, raw_losses, weights):
-        """Update the `loss`, `<task>_loss` and `<task>_weight` trackers. An empty batch
-        adds nothing (its mean losses, and so its weights, may be NaN)."""
+    def _record(self, x, objective, raw_losses, weights, skipped=None):
+        """Update the `loss`, `<task>_loss` and `<task>_weight` trackers. An empty batch, or
+        a step `skipped` as non-finite, adds nothing (its losses and weights may be NaN)."""
         batch = _batch_size(x)
         compile_weights = tf.constant(self._task_losses.loss_weights, raw_losses[0].dtype)
-        losses, weights = tf.stack(raw_losses), tf.cast(weights, compile_weights.dtype)
-        rows, counted = has_rows(batch), None
-        if rows is not True:
-            objective, losses, weights = (tf.where(rows, v, tf.zeros_like(v))
+        dtype = compile_weights.dtype
+        losses, weights = tf.stack(raw_losses), tf.cast(weights, dtype)
+        counts, counted = has_rows(batch), None
+        if skipped is not None:
+            counts = tf.logical_and(counts, tf.logical_not(skipped))
+        if counts is not True:
+            objective, losses, weights = (tf.where(counts, v, tf.zeros_like(v))
                                           for v in (objective, losses, weights))
-            counted = tf.cast(rows, compile_weights.dtype)
+            counted = tf.cast(counts, dtype)
+            batch = tf.cast(batch, dtype) * counted
         self._loss_tracker.update_state(_unscale_for_distribution(objective),
                                         sample_weight=batch)
         self._task_loss_tracker.update_state(

@@ -135,12 +135,10 @@ def find_representation(model: Functional, task_outputs: list, layer: str | None
             "path from the inputs to every task output (or the heads share no layer). Name "
             "one with compile(representation='layer_name'), or use "
             "gradients='parameters'.")
-    # The cuts lie on one chain; the deepest is the one no other cut descends from.
+    # The cuts lie on one chain; the deepest descends from all the others.
     marked = [t for t in cuts if isinstance(getattr(t, "_keras_history", (None,))[0],
                                             Representation)]
-    if marked:
-        return marked[-1] if len(marked) == 1 else _deepest(marked)
-    return _deepest(cuts)
+    return _deepest(marked or cuts)
 
 
 def _deepest(cuts):
@@ -148,7 +146,7 @@ def _deepest(cuts):
         ancestors = _ancestors(t)
         if all(id(other) in ancestors for other in cuts):
             return t
-    raise RepresentationError("Could not order the candidate representations.")  # unreachable
+    raise AssertionError("the cuts of a graph lie on one chain")  # unreachable
 
 
 class RepresentationForward:

@@ -32,8 +32,6 @@ class FairGrad(GramianWeighting):
     Reference: H. Ban, K. Ji, "Fair Resource Allocation in Multi-Task Learning", ICML 2024.
     """
 
-    compile_solver = True  # a loop of small steps (see GramianWeighting)
-
     def __init__(self, alpha=1.0, **kwargs):
         super().__init__(**kwargs)
         self.alpha = check_number("alpha", alpha, minimum=0.0, strict=True)

@@ -214,7 +214,8 @@ def main(argv=None):
     parser.add_argument("--solvers", nargs="*", default=SOLVERS,
                         help="strategies whose solver is timed on a 40 x 40 Gramian")
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke run: mlp, K=2, XLA off, 2 rounds of 2 steps, 2 solver calls each")
+                        help="a smoke run: mlp, K=2, XLA off, 2 rounds of 2 steps, "
+                             "2 solver calls each")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     timing.add_timing_arguments(parser, rounds=15, steps=5, warmup=3)
     args = parser.parse_args(argv)

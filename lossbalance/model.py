@@ -507,8 +507,7 @@ class BalancedModel(keras.Model):
         for i, g in zip(heads, gradients.gradients(shared)[1:]):
             grads[i] = g
         if other_grads is not None:
-            grads = [o if g is None else g if o is None else g + o
-                     for g, o in zip(grads, other_grads)]
+            grads = [_add(g, o) for g, o in zip(grads, other_grads)]
         return grads, weights
 
     def _trunk_indices(self, tape, representation, variables):
@@ -554,7 +553,8 @@ class BalancedModel(keras.Model):
 
     def _strategy_update(self, gradients, losses):
         """The strategy's combination of the shared rows: ({index: update}, weights)."""
-        scale = self.optimizer.scale_loss(tf.ones((), losses.dtype)) if self._scales_loss() else None
+        scale = (self.optimizer.scale_loss(tf.ones((), losses.dtype))
+                 if self._scales_loss() else None)
         strategy = self.strategy
         if strategy.family == "gramian":
             gramian = gradients.gramian(losses.dtype)

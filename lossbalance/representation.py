@@ -157,10 +157,7 @@ class RepresentationForward:
 
     def __init__(self, model, task_positions, layer=None):
         self.model = model
-        self.layer = layer
-        self.markers = [l for l in model._flatten_layers(include_self=False)
-                        if isinstance(l, Representation)]
-        self.wrapper = None
+        self.wrapper = self.marker = None
         if isinstance(model, Functional):
             task_outputs = [model.outputs[p] for p in task_positions]
             z = find_representation(model, task_outputs, layer)
@@ -168,25 +165,28 @@ class RepresentationForward:
             # One forward pass returns z beside the outputs; the layers are the model's own.
             self.wrapper = Functional(model._inputs_struct, [z, model._outputs_struct],
                                       name=f"{model.name}_with_representation")
-        elif layer is not None:
+            return
+        if layer is not None:
             raise RepresentationError(
                 f"representation={layer!r} names a layer, which only a functional model "
                 "can be split at. In a subclassed model, pass the shared tensor through "
                 "`lossbalance.Representation()` in `call` instead.")
-        elif len(self.markers) != 1:
+        markers = [l for l in model._flatten_layers(include_self=False)
+                   if isinstance(l, Representation)]
+        if len(markers) != 1:
             raise RepresentationError(
                 f"{type(model).__name__} is a subclassed model, so its shared "
                 "representation must be declared: in `call`, pass the tensor where the "
                 "heads branch through one `lossbalance.Representation()` layer "
-                f"(found {len(self.markers)}).")
-        else:
-            self.layer_name = self.markers[0].name
+                f"(found {len(markers)}).")
+        self.marker = markers[0]
+        self.layer_name = self.marker.name
 
     def __call__(self, x, training=True):
         if self.wrapper is not None:
             z, y_pred = self.wrapper(x, training=training)
             return z, y_pred
-        marker = self.markers[0]
+        marker = self.marker
         marker._captured = []
         try:
             y_pred = self.model(x, training=training)

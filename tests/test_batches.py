@@ -42,9 +42,10 @@ WITH_EMPTY = [0, 16, 0, 16, 8]
 def test_empty_batches_are_no_ops_and_an_uneven_last_batch_an_ordinary_step(
         two_head_data, strategy, nonfinite, mode, pipeline):
     """With `nonfinite` set, batches of 0, 16, 0, 16 and 8 rows train exactly as the
-    batches of 16, 16 and 8 one by one: empty batches change no weight, optimizer slot (Keras would step Adam on zero
-    gradients) or strategy state and add nothing to the logs, and the last, smaller batch
-    is an ordinary step (under XLA too), weighted by its size in the epoch's logs."""
+    batches of 16, 16 and 8 one by one: empty batches change no weight, optimizer slot
+    (Keras would step Adam on zero gradients) or strategy state and add nothing to the
+    logs, and the last, smaller batch is an ordinary step (under XLA too), weighted by its
+    size in the epoch's logs."""
     x, y = two_head_data
     sizes = [16, 16, 8]
 

@@ -30,6 +30,13 @@ def main(argv=None) -> int:
     compare.add_argument("--batch-size", type=int, default=None)
     compare.add_argument("--steps", type=int, default=None,
                          help="toy only: optimisation steps per start (default 35000)")
+    compare.add_argument("--gradients", choices=["parameters", "representation", "auto"],
+                         default="parameters",
+                         help="where strategies that compute per-task gradients balance the "
+                              "tasks: compile(gradients=...) (default: parameters); their "
+                              "runs at another level are labelled <strategy>@<level>. "
+                              "Loss-level strategies and the baselines are not affected. "
+                              "Standard benchmarks only (not the toy)")
     compare.add_argument("--no-baselines", action="store_true",
                          help="skip the single-task baselines and the linear-scalarisation "
                               "sweep (then no delta-m%%)")
@@ -48,11 +55,15 @@ def main(argv=None) -> int:
     for module in args.imports:
         importlib.import_module(module)
     from experiments import report, runner
-    from experiments.benchmarks import available_benchmarks
+    from experiments.benchmarks import available_benchmarks, get_benchmark
 
     if args.benchmark not in available_benchmarks():
         parser.error(f"unknown benchmark {args.benchmark!r}; available: "
                      f"{', '.join(available_benchmarks())}")
+    if args.gradients != "parameters" and getattr(get_benchmark(args.benchmark), "custom",
+                                                  False):
+        parser.error(f"--gradients {args.gradients}: benchmark {args.benchmark!r} trains its "
+                     "own model at the parameter level")
     out = args.out or Path("runs") / args.benchmark
     if args.strategies.strip().lower() == "all":
         import lossbalance
@@ -65,7 +76,8 @@ def main(argv=None) -> int:
                              epochs=args.epochs, batch_size=args.batch_size,
                              keras_verbose=args.keras_verbose, quick=args.quick,
                              baselines=not args.no_baselines, steps=args.steps,
-                             errors="continue", failures=failures)
+                             errors="continue", failures=failures,
+                             gradients=args.gradients)
     if results:
         paths = report.write_report(results, out)
         print((out / "results.md").read_text())

@@ -1,7 +1,7 @@
 """Cost of gradient-level balancing against plain Keras, and of the Gramian solvers.
 
     python experiments/bench_gradient_strategies.py [--trunks mlp conv] [--tasks 2 8 32]
-        [--strategy mgda] [--xla off on] [--memory] [--quick]
+        [--strategy mgda] [--xla off on] [--vectorize] [--memory] [--quick]
 
 Part 1 trains the same multi-head network with plain Keras (`keras.Model`, the per-head
 losses summed, one backward pass) and with `BalancedModel` under one gradient strategy at
@@ -10,6 +10,8 @@ shared parameters; `gradients="representation"`: per-task gradients of the share
 representation, one backward pass through the trunk), with XLA off and on, on the same data
 and batches. Steps are timed interleaved (see `experiments/timing.py`); the table gives each
 configuration's median step time as a ratio to plain Keras with the same XLA setting.
+`--vectorize` adds the parameter level with `compile(vectorize=True)` (the trunk's K
+per-task backward passes as one vectorised pass) as a further configuration.
 `--memory` adds each configuration's peak memory during its steps, measured in a fresh
 process per configuration (the rise of the resident-set high-water mark above the resident
 size before the timed steps, with glibc's malloc returning large blocks to the system).
@@ -105,16 +107,24 @@ def make_dataset(trunk, num_tasks, seed=0):
             .batch(batch, drop_remainder=True).prefetch(4))
 
 
+def configs(args):
+    """The configurations timed: plain Keras, both levels, and maybe the vectorised one."""
+    return ("keras", *LEVELS, *(("vectorized",) if args.vectorize else ()))
+
+
 def make_model(config, trunk, num_tasks, strategy, xla):
-    """`config`: "keras" or a gradient level."""
+    """`config`: "keras", a gradient level, or "vectorized" (the parameter level with
+    `vectorize=True`)."""
     optimizer = keras.optimizers.Adam(1e-3)
     if config == "keras":
         model = build(keras.Model, trunk, num_tasks)
         model.compile(optimizer=optimizer, loss=losses_for(num_tasks), jit_compile=xla)
     else:
         model = build(lossbalance.BalancedModel, trunk, num_tasks)
+        vectorize = config == "vectorized"
         model.compile(optimizer=optimizer, loss=losses_for(num_tasks), strategy=strategy,
-                      gradients=config, jit_compile=xla)
+                      gradients="parameters" if vectorize else config, vectorize=vectorize,
+                      jit_compile=xla)
     return model
 
 
@@ -122,7 +132,7 @@ def time_group(args, trunk, num_tasks, xla):
     """Median step ms and ratio to plain Keras of every configuration of one group."""
     dataset = make_dataset(trunk, num_tasks)
     models = {config: make_model(config, trunk, num_tasks, args.strategy, xla)
-              for config in ("keras", *LEVELS)}
+              for config in configs(args)}
     iterators = timing.warm_up(models, dataset, args.warmup)
     per_step, per_round = timing.interleaved(models, iterators, args.rounds, args.steps,
                                              args.clock)
@@ -154,7 +164,7 @@ def measure_memory(args, trunk, num_tasks, xla):
     """{config: peak MiB}, each configuration in a fresh process."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # large blocks go back to the OS
     result = {}
-    for config in ("keras", *LEVELS):
+    for config in configs(args):
         command = [sys.executable, __file__, "--memory-of",
                    json.dumps([trunk, num_tasks, xla, config]), "--strategy", args.strategy,
                    "--steps", str(args.steps), "--warmup", str(args.warmup)]
@@ -209,6 +219,8 @@ def main(argv=None):
     parser.add_argument("--strategy", default="mgda",
                         help="gradient-level strategy to time (default: mgda)")
     parser.add_argument("--xla", nargs="+", choices=["off", "on"], default=["off", "on"])
+    parser.add_argument("--vectorize", action="store_true",
+                        help="also time the parameter level with compile(vectorize=True)")
     parser.add_argument("--memory", action="store_true",
                         help="also measure peak memory (one fresh process per configuration)")
     parser.add_argument("--solvers", nargs="*", default=SOLVERS,
@@ -237,22 +249,24 @@ def main(argv=None):
     print(f"Step {args.clock} time of `{args.strategy}` as a ratio to plain Keras with the "
           f"same XLA setting ({device}, {os.cpu_count()} cores; {args.rounds} rounds x "
           f"{args.steps} steps; [quartiles] of per-round ratios)\n")
-    memory_header = " keras MiB | parameters MiB | representation MiB |" if args.memory else ""
-    print("| trunk | K | XLA | keras ms | parameters / keras | representation / keras |"
+    names = {"keras": "keras", "vectorized": "vectorised parameters", **{l: l for l in LEVELS}}
+    timed = configs(args)[1:]
+    memory_header = "".join(f" {names[c]} MiB |" for c in configs(args)) if args.memory else ""
+    print("| trunk | K | XLA | keras ms |" + "".join(f" {names[c]} / keras |" for c in timed)
           + memory_header)
-    print("|---|---|---|---|---|---|" + "---|---|---|" * args.memory)
+    print("|---|---|---|---|" + "---|" * len(timed) + "---|" * len(configs(args)) * args.memory)
     for trunk in args.trunks:
         for num_tasks in args.tasks:
             for xla in args.xla:
                 print(f"{trunk} K={num_tasks} XLA {xla} ...", file=sys.stderr, flush=True)
                 rows = time_group(args, trunk, num_tasks, xla == "on")
-                cells = [_ratio_cell(trunk, level, num_tasks, *rows[level][1:])
-                         for level in LEVELS]
+                cells = [_ratio_cell(trunk, config, num_tasks, *rows[config][1:])
+                         for config in timed]
                 line = (f"| {trunk} | {num_tasks} | {xla} | {rows['keras'][0]:.1f} | "
                         + " | ".join(cells) + " |")
                 if args.memory:
                     memory = measure_memory(args, trunk, num_tasks, xla == "on")
-                    line += "".join(f" {memory[c]:.0f} |" for c in ("keras", *LEVELS))
+                    line += "".join(f" {memory[c]:.0f} |" for c in configs(args))
                 print(line, flush=True)
     if args.solvers:
         times = solver_times(args.solvers, **solver_calls)

@@ -17,6 +17,14 @@ cost of `BalancedModel`'s training step.
 
 Target: every loss-level strategy within 1.05x of plain Keras, FAMO (one extra forward pass
 per step) within 1.4x.
+
+A strategy's own work (a handful of ops on K-vectors) costs tens of microseconds, well below
+the step-to-step noise of a shared machine. Two options measure it directly:
+`--own-cost` times each strategy's `extra_loss` + `loss_weights` (+ `update_after_step`) alone,
+unrolled many times in one graph so that the function call's overhead is shared (microseconds
+per step, beyond an unrolled identity; the median and quartiles over interleaved rounds), and
+`--kernels` counts the kernels the compiled step really runs (TensorFlow's profiler, after
+Grappler's rewrites), against `fixed`.
 """
 
 from __future__ import annotations
@@ -89,6 +97,46 @@ def make_models(args, num_tasks):
     return models
 
 
+def own_costs(names, num_tasks, clock, unroll=50, rounds=15, calls=20):
+    """name -> (median, lower, upper quartile) of microseconds per step of the strategy's
+    own ops, beyond an unrolled identity on the losses."""
+    losses = tf.constant([0.5 + 0.1 * k for k in range(num_tasks)])
+
+    def unrolled(step):
+        @tf.function(autograph=False)
+        def function(losses):
+            # Distinct losses per copy, so that Grappler cannot merge the copies.
+            return tf.add_n([step(losses * (1.0 + 1e-3 * i)) for i in range(unroll)])
+        return function
+
+    def strategy_step(strategy):
+        def step(losses):
+            extra = strategy.extra_loss(losses)
+            weights = strategy.loss_weights(losses)
+            if strategy.uses_post_step_losses:
+                strategy.update_after_step(losses, losses * 0.99)
+            return weights if extra is None else weights + extra
+        return step
+
+    functions = {"identity": unrolled(lambda losses: losses)}
+    for name in names:
+        strategy = lossbalance.strategies.get(name)
+        strategy.bind([f"task_{k}" for k in range(num_tasks)])
+        functions[name] = unrolled(strategy_step(strategy))
+    for function in functions.values():
+        function(losses)
+    times = {name: [] for name in functions}
+    for _ in range(rounds):
+        for name, function in functions.items():
+            start = timing.CLOCKS[clock]()
+            for _ in range(calls):
+                function(losses)
+            times[name].append((timing.CLOCKS[clock]() - start) / calls / unroll * 1e6)
+    base = float(np.median(times.pop("identity")))
+    return {name: tuple(float(q) - base for q in np.percentile(t, [50, 25, 75]))
+            for name, t in times.items()}
+
+
 def benchmark(args, num_tasks):
     x, y = make_data(num_tasks, args.batch_size * 8, args.inputs, args.seed)
     dataset = (tf.data.Dataset.from_tensor_slices((x, y)).repeat()
@@ -101,8 +149,12 @@ def benchmark(args, num_tasks):
     rows = timing.summarise(per_step, per_round)
     fixed = rows.get("fixed")
     # name -> (median ms, ratio to keras, quartiles of per-round ratios, ratio to fixed)
-    return {name: (*row, None if fixed is None else row[0] / fixed[0])
-            for name, row in rows.items()}
+    table = {name: (*row, None if fixed is None else row[0] / fixed[0])
+             for name, row in rows.items()}
+    kernels = ({name: timing.executed_kernels(model, iterators[name])
+                for name, model in models.items()} if args.kernels else None)
+    costs = own_costs(args.strategies, num_tasks, args.clock) if args.own_cost else None
+    return table, kernels, costs
 
 
 def main(argv=None):
@@ -115,6 +167,10 @@ def main(argv=None):
     parser.add_argument("--inputs", type=int, default=64)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--own-cost", action="store_true",
+                        help="also time each strategy's own ops alone (microseconds/step)")
+    parser.add_argument("--kernels", action="store_true",
+                        help="also count the kernels each compiled step runs (profiler)")
     args = parser.parse_args(argv)
     timing.apply_threads(args.threads)
     for name in args.strategies:
@@ -122,11 +178,12 @@ def main(argv=None):
         if strategy.family != "loss":
             parser.error(f"{name!r} is not a loss-level strategy")
 
-    results = {}
+    results, extras = {}, {}
     for num_tasks in args.tasks:
         print(f"K={num_tasks}: {args.rounds} rounds x {args.steps} steps per configuration "
               "...", file=sys.stderr, flush=True)
-        results[num_tasks] = benchmark(args, num_tasks)
+        table, kernels, costs = benchmark(args, num_tasks)
+        results[num_tasks], extras[num_tasks] = table, (kernels, costs)
 
     device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
     print(f"\nMedian step {args.clock} time and ratio to plain Keras ({device}, "
@@ -154,7 +211,35 @@ def main(argv=None):
               + "".join(cells))
     if failed:
         print("\nOver target: " + ", ".join(f"{n} (K={k}: {r:.3f}x)" for n, k, r in failed))
+    if args.kernels or args.own_cost:
+        print_own_work(args, extras)
     return 0
+
+
+def print_own_work(args, extras):
+    print(f"\nEach strategy's own work: kernels run per step (and the difference to "
+          f"`fixed`), and its own ops timed alone ({args.clock} time, microseconds per step "
+          "beyond an identity, median [quartiles])\n")
+    print("| strategy |" + "".join(f" K={k} kernels | K={k} own us |" for k in args.tasks))
+    print("|---|" + "---|---|" * len(args.tasks))
+    for name in ["keras", *args.strategies]:
+        cells = []
+        for k in args.tasks:
+            kernels, costs = extras[k]
+            counts = None if kernels is None else kernels.get(name)
+            if counts is None:
+                cells.append(" - |")
+            else:
+                total = sum(counts.values())
+                fixed = kernels.get("fixed")
+                diff = "" if fixed is None or name == "fixed" else \
+                    f" ({total - sum(fixed.values()):+.0f})"
+                cells.append(f" {total:.0f}{diff} |")
+            cost = None if costs is None else costs.get(name)
+            cells.append(" - |" if cost is None else
+                         f" {cost[0]:.1f} [{cost[1]:.1f}-{cost[2]:.1f}] |")
+        label = "plain keras.Model" if name == "keras" else f"`{name}`"
+        print(f"| {label} |" + "".join(cells))
 
 
 if __name__ == "__main__":

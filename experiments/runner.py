@@ -11,6 +11,13 @@ size, optimizer, model) and the same seeds:
   with the best validation delta-m% as "tuned LS", and the plots draw the sweep as the
   trade-off front.
 
+`gradients` ("parameters", the default, "representation" or "auto") is passed to
+`BalancedModel.compile(gradients=...)` for strategies that compute per-task gradients; their
+runs at a level other than "parameters" are labelled `<spec>@<level>` (e.g.
+`mgda@representation`), so one output folder can hold, and one table compare, both levels.
+Loss-level strategies and the baselines compute no per-task gradients: the level does not
+apply to them, and their runs (unlabelled) are shared by every level.
+
 Every run is saved as `runs/<label>-seed<seed>.json` in the output folder; runs found there
 are not rerun.
 """
@@ -27,6 +34,7 @@ import keras
 import numpy as np
 
 from experiments.benchmarks import get_benchmark
+from lossbalance.model import GRADIENT_LEVELS
 
 SINGLE = "single:"  # label prefix of single-task baselines
 LS = "ls:ratio="  # label prefix of linear-scalarisation sweep points
@@ -59,6 +67,37 @@ def run_kind(label: str) -> str:
     if label.startswith(LS):
         return "ls"
     return "method"
+
+
+def _check_level(gradients):
+    if gradients not in GRADIENT_LEVELS:
+        raise ValueError(f"`gradients` must be one of {list(GRADIENT_LEVELS)}; got "
+                         f"{gradients!r}.")
+
+
+def gradient_level_for(spec: str, gradients: str = "parameters") -> str | None:
+    """The `compile(gradients=...)` a run of `spec` gets: `gradients` for a strategy that
+    computes per-task gradients, None (compile's default) for loss-level strategies and the
+    baselines, to which no level applies."""
+    _check_level(gradients)
+    if run_kind(spec) != "method":
+        return None
+    import lossbalance
+
+    strategy = lossbalance.strategies.get(parse_strategy(spec)[1])
+    return None if strategy.family == "loss" else gradients
+
+
+def run_label(spec: str, gradients: str = "parameters") -> str:
+    """The label of a run (its row in the tables, its file name): the strategy spec, with
+    `@<level>` when it computes per-task gradients at a level other than "parameters"."""
+    _check_level(gradients)
+    if run_kind(spec) != "method":
+        return spec
+    label = parse_strategy(spec)[0]
+    if gradients == "parameters" or gradient_level_for(spec, gradients) is None:
+        return label
+    return f"{label}@{gradients}"
 
 
 def baseline_labels(benchmark, quick=False) -> list[str]:
@@ -122,19 +161,32 @@ def _evaluate(model, split, batch_size=4096) -> dict:
     return {key: value / count for key, value in totals.items()}
 
 
-def _compile(model, benchmark, strategy, loss, eager):
+def _compile(model, benchmark, strategy, loss, eager, gradients=None):
+    level = {} if gradients is None else {"gradients": gradients}
     model.compile(optimizer=keras.optimizers.Adam(benchmark.learning_rate), loss=loss,
-                  metrics=benchmark.metrics or None, strategy=strategy, run_eagerly=eager)
+                  metrics=benchmark.metrics or None, strategy=strategy, run_eagerly=eager,
+                  **level)
+
+
+def _check_custom_level(benchmark, gradients):
+    _check_level(gradients)
+    if gradients != "parameters" and getattr(benchmark, "custom", False):
+        raise ValueError(f"Benchmark {benchmark.name!r} trains its own model at the "
+                         f"parameter level; gradients={gradients!r} does not apply to it.")
 
 
 def run_one(benchmark_name: str, strategy_spec: str, seed: int, *, epochs=None,
-            batch_size=None, verbose=0, quick=False, steps=None, eager=None) -> dict:
+            batch_size=None, verbose=0, quick=False, steps=None, eager=None,
+            gradients="parameters") -> dict:
     """Train one model; return its history and its test metrics at the epoch selected on
     validation. `strategy_spec` is a strategy spec, or a baseline label (`single:<task>`,
     `ls:ratio=<r>`). `quick`: small subsets, 1 epoch unless `epochs` is given, and eager
-    execution unless `eager=False` (tracing a step costs more than a few eager steps)."""
+    execution unless `eager=False` (tracing a step costs more than a few eager steps).
+    `gradients`: the gradient level of a strategy that computes per-task gradients (see
+    `gradient_level_for`; the run's label then ends in `@<level>` unless "parameters")."""
     eager = quick if eager is None else eager
     benchmark = get_benchmark(benchmark_name, seed=0)  # the same split for every seed
+    _check_custom_level(benchmark, gradients)
     if getattr(benchmark, "custom", False):
         label, strategy = parse_strategy(strategy_spec)
         began = time.perf_counter()
@@ -147,6 +199,7 @@ def run_one(benchmark_name: str, strategy_spec: str, seed: int, *, epochs=None,
     tasks = benchmark.task_names
     kind = run_kind(strategy_spec)
     label = strategy_spec
+    level = gradient_level_for(strategy_spec, gradients)
     loss = benchmark.loss
     if kind == "single":
         task = strategy_spec[len(SINGLE):]
@@ -157,14 +210,15 @@ def run_one(benchmark_name: str, strategy_spec: str, seed: int, *, epochs=None,
     elif kind == "ls":
         strategy = "fixed"  # weights set below, from the initial losses
     else:
-        label, strategy = parse_strategy(strategy_spec)
+        strategy = parse_strategy(strategy_spec)[1]
+        label = run_label(strategy_spec, gradients)
 
     began = time.perf_counter()
     model = benchmark.build_model(seed)
     with warnings.catch_warnings():
         # single-task runs: "a single task", "gradients do not exist" for the other heads
         warnings.simplefilter("ignore")
-        _compile(model, benchmark, strategy if kind != "ls" else "fixed", loss, eager)
+        _compile(model, benchmark, strategy if kind != "ls" else "fixed", loss, eager, level)
         initial = {"validation": _evaluate(model, benchmark.validation),
                    "test": _evaluate(model, benchmark.test)}
         weights = None
@@ -206,6 +260,8 @@ def run_one(benchmark_name: str, strategy_spec: str, seed: int, *, epochs=None,
         "seed": seed,
         "quick": quick,
         "eager": eager,
+        "gradients": level,                    # what compile was given (None: not applicable)
+        "gradient_level": model.gradient_level,  # the level it used (None: loss level)
         "tasks": tasks,
         "weights": weights,
         "selection": selection,
@@ -229,9 +285,11 @@ def run_path(out: Path, strategy_label: str, seed: int) -> Path:
 def compare(benchmark: str, strategies: list[str], seeds: int | None, out: Path, *,
             epochs=None, batch_size=None, keras_verbose=0, progress=True, quick=False,
             baselines=True, steps=None, eager=None, errors="raise",
-            failures: list | None = None) -> list[dict]:
+            failures: list | None = None, gradients="parameters") -> list[dict]:
     """Run every strategy (and, unless `baselines=False`, the single-task baselines and the
     linear-scalarisation sweep) with every seed, skipping runs already saved in `out`.
+    `gradients`: the gradient level of the strategies that compute per-task gradients (their
+    labels end in `@<level>` unless "parameters"; see `gradient_level_for`).
 
     Returns every run's result (dicts, as saved in `out/runs/*.json`). With
     `errors="continue"`, a run that raises is reported (a warning, and a dict with its
@@ -244,6 +302,7 @@ def compare(benchmark: str, strategies: list[str], seeds: int | None, out: Path,
         seeds = 1 if quick else getattr(bench, "default_seeds", 3)
     out = Path(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
+    _check_custom_level(bench, gradients)
     labels = [spec if run_kind(spec) != "method" else parse_strategy(spec)[0]
               for spec in strategies]  # checks the specs early
     if baselines and not getattr(bench, "custom", False):
@@ -252,21 +311,29 @@ def compare(benchmark: str, strategies: list[str], seeds: int | None, out: Path,
     results = []
     failures = [] if failures is None else failures
     bar = tqdm(jobs, desc=f"{benchmark}", unit="run", disable=not progress)
+    run_labels = {}
+    for label in labels:
+        try:
+            run_labels[label] = run_label(label, gradients)
+        except Exception:  # noqa: BLE001 (an unknown strategy: its run fails below)
+            run_labels[label] = label
     for label, seed in bar:
-        path = run_path(out, label, seed)
-        bar.set_postfix_str(f"{label} seed {seed}")
+        path = run_path(out, run_labels[label], seed)
+        bar.set_postfix_str(f"{run_labels[label]} seed {seed}")
         if path.exists():
             results.append(json.loads(path.read_text()))
             continue
         try:
             result = run_one(benchmark, label, seed, epochs=epochs, batch_size=batch_size,
-                             verbose=keras_verbose, quick=quick, steps=steps, eager=eager)
+                             verbose=keras_verbose, quick=quick, steps=steps, eager=eager,
+                             gradients=gradients)
         except Exception as error:  # noqa: BLE001
             if errors == "raise":
                 raise
             message = f"{type(error).__name__}: {error}"
-            warnings.warn(f"{benchmark}: run {label!r} seed {seed} failed: {message}")
-            failures.append({"strategy": label, "seed": seed, "error": message})
+            warnings.warn(f"{benchmark}: run {run_labels[label]!r} seed {seed} failed: "
+                          f"{message}")
+            failures.append({"strategy": run_labels[label], "seed": seed, "error": message})
             continue
         path.write_text(json.dumps(result, indent=1))
         results.append(result)

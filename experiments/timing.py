@@ -75,6 +75,49 @@ def summarise(per_step, per_round, baseline="keras"):
     return rows
 
 
+def executed_kernels(model, iterator, steps=10):
+    """{op type: kernels run per step} of the compiled train function, from TensorFlow's
+    profiler: the ops that really execute, after Grappler's rewrites (constant folding,
+    pruning, common subexpressions), not the traced graph. None if the profiler's trace
+    format cannot be read."""
+    import collections
+    import glob
+    import tempfile
+
+    import tensorflow as tf
+
+    try:
+        from tensorflow.tsl.profiler.protobuf import xplane_pb2
+    except ImportError:
+        return None
+    with tempfile.TemporaryDirectory() as logdir:
+        tf.profiler.experimental.start(logdir)
+        try:
+            time_steps(model, iterator, steps)
+        finally:
+            tf.profiler.experimental.stop()
+        paths = glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)
+        if not paths:
+            return None
+        space = xplane_pb2.XSpace()
+        with open(paths[0], "rb") as handle:
+            space.ParseFromString(handle.read())
+    kernels = collections.Counter()
+    for plane in space.planes:
+        if not plane.name.startswith("/host:CPU"):
+            continue
+        for line in plane.lines:
+            for event in line.events:
+                # A kernel's event is named "<node name>:<op type>"; tf.data's and the
+                # runtime's own events have "::" in their names.
+                name = plane.event_metadata[event.metadata_id].name
+                node, _, op_type = name.rpartition(":")
+                if (node and "::" not in name and op_type[:1].isupper()
+                        and op_type.isidentifier()):
+                    kernels[op_type] += 1
+    return {op_type: count / steps for op_type, count in kernels.items()}
+
+
 def add_timing_arguments(parser, rounds, steps, warmup=5):
     parser.add_argument("--rounds", type=int, default=rounds,
                         help="interleaved rounds; each times every configuration once")

@@ -14,6 +14,8 @@ import math
 
 import tensorflow as tf
 
+from lossbalance import replicas
+
 
 def task_gradients(tape, losses, variables):
     """K lists of gradients (None where a task does not reach a variable)."""
@@ -52,6 +54,12 @@ class TaskGradients:
     Args:
         per_task: K lists, one gradient (or None) per variable, e.g. from `task_gradients`.
         variables: the variables, in the same order.
+        stacked: optional {variable index: (K, *shape) tensor}, per-task gradients that
+            come already stacked (e.g. from one vectorised backward pass through the
+            trunk); `per_task` holds None at those indices. They are used as they are,
+            so no second K x P copy is made.
+        stacked_tasks: the tasks whose rows in `stacked` may be nonzero, i.e. that reach
+            those variables (default: every task).
 
     Attributes:
         shared: indices of the variables that two or more tasks reach.
@@ -59,12 +67,15 @@ class TaskGradients:
         owner: for every variable that exactly one task reaches, that task's index.
     """
 
-    def __init__(self, per_task, variables):
+    def __init__(self, per_task, variables, stacked=None, stacked_tasks=None):
         # `variables` may also hold tensors (the shared representation z).
         self.num_tasks = len(per_task)
         self.variables = list(variables)
         self.per_task = per_task
+        self._given = dict(stacked or {})
+        given_tasks = list(range(self.num_tasks) if stacked_tasks is None else stacked_tasks)
         reached_by = [
+            given_tasks if i in self._given else
             [k for k in range(self.num_tasks) if per_task[k][i] is not None]
             for i in range(len(self.variables))
         ]
@@ -77,7 +88,7 @@ class TaskGradients:
         self.tasks_without_shared = [k for k in range(self.num_tasks) if k not in shared_reach]
         # (K, *shape) per shared variable; a task that does not reach it contributes zeros.
         self.stacked = {
-            i: tf.stack([
+            i: self._given[i] if i in self._given else tf.stack([
                 tf.convert_to_tensor(g[i]) if g[i] is not None
                 else tf.zeros_like(self.variables[i])
                 for g in per_task
@@ -88,6 +99,14 @@ class TaskGradients:
     @property
     def has_shared(self) -> bool:
         return bool(self.shared)
+
+    def sum_over_replicas(self) -> None:
+        """Under tf.distribute: replace each replica's per-task gradients of the shared
+        variables by their sum over replicas, the global J (K x P all-reduced: a Gramian
+        or any non-linear combination of a sum is not the sum of the replicas' ones)."""
+        if self.stacked:
+            self.stacked = dict(zip(self.stacked, replicas.sum_over_replicas(
+                list(self.stacked.values()))))
 
     def gramian(self, dtype=None) -> tf.Tensor:
         """G = J J^T (K x K) over the shared variables, accumulated variable by variable."""
@@ -132,7 +151,8 @@ class TaskGradients:
             if i in shared_update:
                 g = shared_update[i]
             elif i in self.owner:
-                g = self.per_task[self.owner[i]][i]
+                k = self.owner[i]
+                g = self._given[i][k] if i in self._given else self.per_task[k][i]
             else:
                 g = None
             if extra is not None and extra[i] is not None:

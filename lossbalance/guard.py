@@ -24,6 +24,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from lossbalance import replicas
+
 MODES = (None, "skip", "raise")
 
 
@@ -77,8 +79,11 @@ class NonFiniteGuard:
         losses over zero rows may well be NaN).
         """
         rows = has_rows(batch_size)
-        losses_ok = tf.math.is_finite(tf.stack(raw_losses))
-        grads_ok = all_finite(grads)
+        # under tf.distribute: one decision for all replicas, from every replica's values
+        losses_ok = ~replicas.any_replica(~tf.math.is_finite(tf.stack(raw_losses)))
+        grads_ok = ~replicas.any_replica(~all_finite(grads))
+        if rows is not True:
+            rows = replicas.any_replica(rows)
         healthy = tf.reduce_all(losses_ok) & grads_ok
         bad = ~tf.reduce_all(losses_ok)
         if not self.loss_scaling:
@@ -94,7 +99,8 @@ class NonFiniteGuard:
             variable.assign(tf.where(healthy, variable, saved))
         if self.mode is None:
             return
-        self.skipped_steps.update_state(tf.cast(bad, tf.float32))
+        # every replica adds its 1/N: the metric sums over replicas
+        self.skipped_steps.update_state(tf.cast(bad, tf.float32) / replicas.num_replicas())
         first = bad & tf.equal(self.report[0], 0)
         entry = tf.concat([[tf.cast(step, tf.int64) + 1], tf.cast(~losses_ok, tf.int64)], 0)
         self.report.assign(tf.where(first, entry, self.report))

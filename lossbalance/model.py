@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 import keras
 import tensorflow as tf
+from keras.src.backend.tensorflow.trainer import _collective_all_reduce_multi_worker
 from keras.src.models.functional import Functional
 from keras.src.models.model import Trainer, functional_init_arguments
 
-from lossbalance import strategies
+from lossbalance import replicas, strategies
 from lossbalance.gradients import TaskGradients, count_shared_parameters, task_gradients
 from lossbalance.guard import MODES as NONFINITE_MODES
 from lossbalance.guard import NonFiniteCallback, NonFiniteGuard, has_rows
@@ -29,8 +30,8 @@ from lossbalance.tasks import TaskLosses
 
 def _unscale_for_distribution(value):
     """Keras losses divide by the replica count; logs report the global value."""
-    replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    return value * replicas if replicas > 1 else value
+    count = replicas.num_replicas()
+    return value * count if count > 1 and value is not None else value
 
 
 def _batch_size(x):
@@ -45,6 +46,21 @@ def _add(a, b):
     return a if b is None else a + b
 
 
+def _loops_upstream(tensor):
+    """Names of the loop operations (an RNN's, say) a graph tensor is computed from: while
+    loops, or the tensor lists they iterate over (under XLA the while op itself is hidden
+    in a function call)."""
+    seen, stack, loops = set(), [tensor.op], []
+    while stack:
+        op = stack.pop()
+        if op.name not in seen:
+            seen.add(op.name)
+            if op.type in ("While", "StatelessWhile") or op.type.startswith("TensorList"):
+                loops.append(op.name)
+            stack.extend(t.op for t in op.inputs)
+    return loops
+
+
 #: `compile(gradients=...)`: where gradient-level strategies balance the tasks.
 GRADIENT_LEVELS = ("parameters", "representation", "auto")
 
@@ -52,10 +68,17 @@ GRADIENT_LEVELS = ("parameters", "representation", "auto")
 class _GradientLevel:
     """Plain holder (kept out of Keras' tracking) of the representation-level forward
     pass, of which variables lie upstream of the representation (found once), and of the
-    Gramian strategy's weight solver (compiled with XLA where it says so)."""
+    Gramian strategy's weight solver (compiled with XLA where it says so).
 
-    def __init__(self, forward, strategy=None):
+    With `vectorized`, the forward pass serves the parameter level (`vectorize=True`):
+    z is where the per-task cotangents enter the trunk. `loop_reason` says why the
+    trunk's per-task backward passes run as a loop instead, once that is known.
+    """
+
+    def __init__(self, forward, strategy=None, vectorized=False):
         self.forward = forward
+        self.vectorized = vectorized
+        self.loop_reason = None
         self.trunk_ids = None
         self.gramian_weights = getattr(strategy, "gramian_weights", None)
         if getattr(strategy, "compile_solver", False):
@@ -145,6 +168,7 @@ class BalancedModel(keras.Model):
         nonfinite=None,
         gradients="parameters",
         representation=None,
+        vectorize=False,
         run_eagerly=False,
         steps_per_execution=1,
         jit_compile="auto",
@@ -176,6 +200,15 @@ class BalancedModel(keras.Model):
             representation: for a functional model, the name of the layer whose output
                 is z (default: found where the heads branch). A subclassed model declares
                 z with a `lossbalance.Representation()` layer in `call`.
+            vectorize: at `gradients="parameters"`, how the per-task gradients of the
+                trunk (the layers before z) are taken. False (default): one backward
+                pass per task. True: the K cotangents dL_k/dz (a pass through each head)
+                go through the trunk in one vectorised backward pass (`tf.vectorized_map`),
+                which gives the same gradients and may be faster on accelerators (on a
+                CPU it is not). Needs the representation z (as `representation` above;
+                refused without one). Where an operation of the trunk's backward cannot be
+                vectorised (or, under XLA, a trunk with loops such as an RNN), the trunk
+                passes run as a loop, with a warning.
             The other arguments are passed to `keras.Model.compile`.
         """
         if nonfinite not in NONFINITE_MODES:
@@ -188,7 +221,7 @@ class BalancedModel(keras.Model):
         strategy.bind(task_losses.names)
         self._check_strategy_fits(strategy)
         forward = self._representation_forward(strategy, task_losses, gradients,
-                                                representation)
+                                                representation, vectorize)
         if len(task_losses.tasks) == 1:
             warnings.warn(
                 f"BalancedModel has a single task ({task_losses.names[0]!r}): there is "
@@ -223,10 +256,11 @@ class BalancedModel(keras.Model):
             self._skipped_steps_tracker = guard.skipped_steps
         self._guard = guard
         # A plain attribute holder: the forward shares the model's layers, untracked.
-        self._levels = _GradientLevel(forward, strategy)
+        self._levels = _GradientLevel(forward, strategy, vectorized=vectorize)
         self._balancing_config = {"loss": loss, "loss_weights": loss_weights,
                                   "strategy": strategy, "nonfinite": nonfinite,
-                                  "gradients": gradients, "representation": representation}
+                                  "gradients": gradients, "representation": representation,
+                                  "vectorize": vectorize}
 
     @property
     def gradient_level(self) -> str | None:
@@ -235,11 +269,20 @@ class BalancedModel(keras.Model):
         if self._task_losses is None or self.strategy.family == "loss" and not getattr(
                 self.strategy, "uses_layer_gradients", False):
             return None
-        return "parameters" if self._levels.forward is None else "representation"
+        levels = self._levels
+        return ("parameters" if levels.forward is None or levels.vectorized
+                else "representation")
 
-    def _representation_forward(self, strategy, task_losses, gradients, representation):
-        """The (z, outputs) forward pass for `gradients="representation"`, or None."""
+    def _representation_forward(self, strategy, task_losses, gradients, representation,
+                                vectorize=False):
+        """The (z, outputs) forward pass for `gradients="representation"` or
+        `vectorize=True`, or None."""
         name = strategy.registry_name or type(strategy).__name__
+        if vectorize not in (True, False):
+            raise ValueError(f"`vectorize` must be True or False; got {vectorize!r}.")
+        if vectorize:
+            return self._vectorizing_forward(name, strategy, task_losses, gradients,
+                                             representation)
         if strategy.family == "loss":
             if gradients == "representation":
                 raise ValueError(
@@ -251,7 +294,7 @@ class BalancedModel(keras.Model):
             if representation is not None:
                 raise ValueError(
                     f"representation={representation!r} is only used with "
-                    "gradients='representation' or 'auto'.")
+                    "gradients='representation' or 'auto', or with vectorize=True.")
             return None
         if "representation" not in strategy.gradient_levels:
             if gradients == "auto":
@@ -267,18 +310,33 @@ class BalancedModel(keras.Model):
                 return None
             raise
 
+    def _vectorizing_forward(self, name, strategy, task_losses, gradients, representation):
+        """The (z, outputs) forward pass for `vectorize=True`, once it is known to apply."""
+        if strategy.family == "loss":
+            raise ValueError(
+                f"vectorize=True vectorises per-task gradients, and strategy {name!r} "
+                "weights the task losses and computes none. Leave `vectorize` out, or use "
+                "a gradient-level strategy (e.g. 'mgda').")
+        if gradients != "parameters":
+            raise ValueError(
+                f"vectorize=True applies to gradients='parameters' (got {gradients!r}): "
+                "the representation level already takes a single backward pass through "
+                "the trunk. Pass gradients='parameters', or leave `vectorize` out.")
+        positions = [task.position for task in task_losses.tasks]
+        try:
+            return RepresentationForward(self, positions, representation)
+        except RepresentationError as err:
+            raise RepresentationError(
+                "vectorize=True sends the K per-task gradients through the trunk together "
+                "from the shared representation z where the heads branch, and this model "
+                f"has none usable: {err} (With vectorize=True: mark or name z; or else "
+                "compile with vectorize=False.)") from None
+
     def _known_output_names(self):
         names = getattr(self, "output_names", None)
         return list(names) if names else None
 
     def _check_strategy_fits(self, strategy):
-        replicas = self.distribute_strategy.num_replicas_in_sync
-        if replicas > 1 and strategy.family != "loss":
-            raise NotImplementedError(
-                f"Strategy {strategy.registry_name!r} combines per-task gradients, which "
-                f"is not supported yet under tf.distribute with {replicas} replicas. Use a "
-                "loss-weighting strategy or a single device."
-            )
         other = strategy.__dict__.get("_lossbalance_model", lambda: None)()  # a weakref
         if other is not None and other is not self and getattr(other, "strategy", None) \
                 is strategy and strategy.state_variables():
@@ -353,6 +411,8 @@ class BalancedModel(keras.Model):
                 representation, y_pred = self._levels.forward(x, training=True)
             variables = self.trainable_variables  # after the call: it builds subclassed models
             raw_losses = self._task_losses(y, y_pred, sample_weight, training=True)
+            if strategy.family != "loss":  # global values, local gradients (tf.distribute)
+                raw_losses = [replicas.with_global_value(loss) for loss in raw_losses]
             task_losses = _transformed_task_losses(
                 strategy, self._task_losses.weighted(raw_losses),
                 separate=self._needs_persistent_tape())
@@ -372,40 +432,53 @@ class BalancedModel(keras.Model):
                     own=scale(_add(tf.add_n(task_losses), extra)))
         if strategy.family == "loss":
             grads = tape.gradient(scaled, variables)
+            # each replica's share of the global values (Keras divides losses by N)
+            logged = _unscale_for_distribution(objective), [
+                _unscale_for_distribution(loss) for loss in raw_losses]
         else:
             grads, weights = self._task_gradient_update(tape, scaled, losses, variables,
                                                         representation)
-            objective = _add(tf.reduce_sum(tf.stop_gradient(weights) * losses), other)
+            logged = _add(tf.reduce_sum(tf.stop_gradient(weights) * losses),
+                          _unscale_for_distribution(other)), raw_losses  # global values
         if getattr(strategy, "uses_layer_gradients", False):
             self._update_from_layer_gradients(tape, task_losses, variables)
         del tape
 
-        def update():
-            self.optimizer.apply(grads, variables)
-            if getattr(strategy, "uses_post_step_losses", False):
-                # e.g. FAMO: the same batch's losses after the update (one forward pass),
-                # weighted and transformed as `losses` were.
-                after = self._task_losses(y, self(x, training=True), sample_weight)
-                after = _transformed_task_losses(
-                    strategy, self._task_losses.weighted(after), separate=False)
-                strategy.update_after_step(losses, tf.stack(after))
-            return tf.constant(True)
-
+        update = (grads, x, y, sample_weight, losses)
         if guard.active:
             step = self.optimizer.iterations + 0
             apply, healthy, bad, losses_ok = guard.decide(raw_losses, grads, _batch_size(x))
             if apply is True:
-                update()
+                self._update(*update)
             else:
                 if not self.optimizer.built:
                     self.optimizer.build(variables)
-                tf.cond(tf.convert_to_tensor(apply), update, lambda: tf.constant(False))
+                replicas.run_if(tf.convert_to_tensor(apply), self._update, update)
             guard.finish(healthy, bad, losses_ok, state, snapshot, step)
         else:
-            update()
-        self._record(x, objective, raw_losses, weights,
-                     skipped=bad if guard.mode is not None else None)
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+            self._update(*update)
+        self._record(x, *logged, weights, skipped=bad if guard.mode is not None else None)
+        return self._for_replica_reduction(
+            self.compute_metrics(x, y, y_pred, sample_weight=sample_weight))
+
+    def _for_replica_reduction(self, logs):
+        """Keras averages each log over the replicas; under MultiWorkerMirroredStrategy it
+        reduces along axis 0, which fails on scalars (keras-team/keras#20585), so there
+        the logs leave the step as 1-vectors (Keras' reduction makes them scalars)."""
+        if not _collective_all_reduce_multi_worker(self.distribute_strategy):
+            return logs
+        return {name: tf.reshape(value, [1]) for name, value in logs.items()}
+
+    def _update(self, grads, x, y, sample_weight, losses):
+        """The optimizer step (and a post-step strategy update) of one training step."""
+        self.optimizer.apply(grads, self.trainable_variables)
+        if getattr(self.strategy, "uses_post_step_losses", False):
+            # e.g. FAMO: the same batch's losses after the update (one forward pass),
+            # weighted and transformed as `losses` were.
+            after = self._task_losses(y, self(x, training=True), sample_weight)
+            after = _transformed_task_losses(
+                self.strategy, self._task_losses.weighted(after), separate=False)
+            self.strategy.update_after_step(losses, tf.stack(after))
 
     def _needs_persistent_tape(self):
         return self.strategy.family != "loss" or getattr(
@@ -426,8 +499,10 @@ class BalancedModel(keras.Model):
             x, y, sample_weight))
 
     def _record(self, x, objective, raw_losses, weights, skipped=None):
-        """Update the `loss`, `<task>_loss` and `<task>_weight` trackers. An empty batch, or
-        a step `skipped` as non-finite, adds nothing (its losses and weights may be NaN)."""
+        """Update the `loss`, `<task>_loss` and `<task>_weight` trackers with the global
+        batch's values (under tf.distribute each replica adds them weighted by its rows). An
+        empty batch, or a step `skipped` as non-finite, adds nothing (its losses and weights
+        may be NaN)."""
         batch = _batch_size(x)
         compile_weights = tf.constant(self._task_losses.loss_weights, raw_losses[0].dtype)
         dtype = compile_weights.dtype
@@ -440,10 +515,8 @@ class BalancedModel(keras.Model):
                                           for v in (objective, losses, weights))
             counted = tf.cast(counts, dtype)
             batch = tf.cast(batch, dtype) * counted
-        self._loss_tracker.update_state(_unscale_for_distribution(objective),
-                                        sample_weight=batch)
-        self._task_loss_tracker.update_state(
-            _unscale_for_distribution(losses), sample_weight=batch)
+        self._loss_tracker.update_state(objective, sample_weight=batch)
+        self._task_loss_tracker.update_state(losses, sample_weight=batch)
         self._task_weight_tracker.update_state(compile_weights * weights,
                                                sample_weight=counted)
 
@@ -453,6 +526,8 @@ class BalancedModel(keras.Model):
         Model variables get the strategy's combination on shared variables and each task's
         own gradient on its head; the strategy's own trainable variables (e.g. learned loss
         scales) follow the plain sum of the (transformed) task losses and its extra term.
+        Their gradient depends on the global losses alone, so under tf.distribute every
+        replica hands the optimizer its 1/N share.
         """
         own = self.strategy.trainable_variables
         own_ids = {id(v) for v in own}
@@ -461,7 +536,8 @@ class BalancedModel(keras.Model):
             tape, scaled.tasks, scaled.other, losses, model_variables, representation)
         by_id = dict(zip(map(id, model_variables), model_grads))
         if own:
-            by_id.update(zip(map(id, own), tape.gradient(scaled.own, own)))
+            by_id.update(zip(map(id, own), map(replicas.replica_share,
+                                               tape.gradient(scaled.own, own))))
         return [by_id[id(v)] for v in variables], weights
 
     def _regularization_loss(self):
@@ -477,18 +553,24 @@ class BalancedModel(keras.Model):
         """Gradient-level strategies: per-task gradients, combined on shared variables.
 
         At the parameter level the per-task gradients of every variable are taken and
-        combined on the shared ones. At the representation level they are taken with
-        respect to z and the heads' variables only, combined on z, and the combination
-        goes through the trunk in one backward pass (the trunk's variables being those
-        upstream of z). Gradients come from loss-scaled losses (mixed precision); the
+        combined on the shared ones (with `vectorize=True` the trunk's come stacked from
+        one vectorised pass, `_vectorized_task_gradients`). At the representation level
+        they are taken with respect to z and the heads' variables only, combined on z, and
+        the combination goes through the trunk in one backward pass (the trunk's variables
+        being those upstream of z). Gradients come from loss-scaled losses (mixed precision); the
         strategy sees them unscaled, and the combination stays scaled for
         `optimizer.apply` to unscale.
         """
         other_grads = None
         if scaled_other is not None:
             other_grads = tape.gradient(scaled_other, [v.value for v in variables])
-        if representation is None:
-            gradients = TaskGradients(task_gradients(tape, scaled_losses, variables), variables)
+        if representation is None or self._levels.vectorized:
+            if representation is None:
+                gradients = TaskGradients(task_gradients(tape, scaled_losses, variables),
+                                          variables)
+            else:
+                gradients = self._vectorized_task_gradients(tape, scaled_losses, variables,
+                                                            representation)
             self._check_task_gradients(gradients)
             shared, weights = self._strategy_update(gradients, losses)
             return gradients.gradients(shared, other_grads), weights
@@ -498,7 +580,7 @@ class BalancedModel(keras.Model):
         sources = [representation] + [variables[i] for i in heads]
         gradients = TaskGradients(task_gradients(tape, scaled_losses, sources), sources)
         self._check_task_gradients(gradients, at_representation=True)
-        shared, weights = self._strategy_update(gradients, losses)
+        shared, weights = self._strategy_update(gradients, losses, local_rows=True)
         grads = [None] * len(variables)
         trunk_grads = tape.gradient(representation, [variables[i].value for i in trunk],
                                     output_gradients=shared[0])
@@ -517,6 +599,73 @@ class BalancedModel(keras.Model):
             reached = tape.gradient(representation, [v.value for v in variables])
             levels.trunk_ids = {id(v) for v, g in zip(variables, reached) if g is not None}
         return [i for i, v in enumerate(variables) if id(v) in levels.trunk_ids]
+
+    def _vectorized_task_gradients(self, tape, scaled_losses, variables, representation):
+        """The parameter level's per-task gradients, found through z (`vectorize=True`).
+
+        A pass through the heads gives each task's cotangent dL_k/dz and its gradients of
+        the variables after z; the trunk's, (dz/dθ)^T dL_k/dz, come stacked from the K
+        cotangents' backward passes through the trunk, vectorised into one
+        (`_trunk_rows`). As z is a cut, these are exactly the per-task gradients of every
+        variable, and the stacked trunk rows are the only K x P copy.
+        """
+        trunk = self._trunk_indices(tape, representation, variables)
+        after = sorted(set(range(len(variables))) - set(trunk))
+        through_heads = task_gradients(
+            tape, scaled_losses, [representation] + [variables[i] for i in after])
+        reaching = [k for k, g in enumerate(through_heads) if g[0] is not None]
+        cotangents = [tf.zeros_like(representation) if g[0] is None else g[0]
+                      for g in through_heads]
+        rows = self._trunk_rows(tape, representation, [variables[i].value for i in trunk],
+                                cotangents)
+        per_task = [[None] * len(variables) for _ in through_heads]
+        for k, g in enumerate(through_heads):
+            for i, gradient in zip(after, g[1:]):
+                per_task[k][i] = gradient
+        return TaskGradients(per_task, variables, stacked=dict(zip(trunk, rows)),
+                             stacked_tasks=reaching)
+
+    def _trunk_rows(self, tape, z, trunk, cotangents):
+        """(K, *shape) for each trunk variable: the backward passes from z with each of the
+        K cotangents, vectorised into one where possible, else run one by one."""
+        if not trunk:
+            return []
+        if self._levels.loop_reason is None:
+            reason = self._xla_obstacle(z)
+            if reason is None:
+                try:  # no silent while-loop fallback: it may not compile under XLA
+                    return tf.vectorized_map(
+                        lambda dz: [tf.convert_to_tensor(g) for g in  # dense embeddings'
+                                    tape.gradient(z, trunk, output_gradients=dz)],
+                        tf.stack(cotangents), fallback_to_while_loop=False)
+                except ValueError as err:  # an op without a pfor converter
+                    first_line = str(err).splitlines()[0] if str(err) else repr(err)
+                    reason = f"its backward pass cannot be vectorised ({first_line})"
+            self._loop_instead(reason)
+        passes = [tape.gradient(z, trunk, output_gradients=dz) for dz in cotangents]
+        return [tf.stack([tf.convert_to_tensor(g) for g in rows]) for rows in zip(*passes)]
+
+    def _xla_obstacle(self, z):
+        """Why XLA cannot compile the vectorised trunk pass, when that is known before
+        compiling: pfor turns a while loop of the trunk (an RNN's) into one over tensor
+        lists of unknown shape, which XLA rejects only when the step first runs."""
+        if not self.jit_compile or tf.executing_eagerly():
+            return None
+        loops = _loops_upstream(z)
+        if loops:
+            return (f"it computes z with a loop (operation {loops[0]!r}, e.g. an RNN's), "
+                    "whose vectorised backward pass XLA cannot compile (jit_compile=True)")
+        return None
+
+    def _loop_instead(self, reason):
+        """Run the trunk's per-task passes one by one from now on, saying why once."""
+        if self._levels.loop_reason is None:
+            warnings.warn(
+                f"compile(vectorize=True): the trunk of {self.name!r} (before "
+                f"{self._levels.forward.layer_name!r}) takes its K per-task backward passes "
+                f"one by one instead, as {reason}. The gradients are the same; only the "
+                "speed-up is lost.", stacklevel=2)
+        self._levels.loop_reason = reason
 
     def _check_task_gradients(self, gradients, at_representation=False):
         name = self.strategy.registry_name
@@ -551,24 +700,44 @@ class BalancedModel(keras.Model):
                 "a task separately."
             )
 
-    def _strategy_update(self, gradients, losses):
-        """The strategy's combination of the shared rows: ({index: update}, weights)."""
+    def _strategy_update(self, gradients, losses, local_rows=False):
+        """The strategy's combination of the shared rows: ({index: update}, weights).
+
+        Under tf.distribute (`losses` are then global): at the parameter level the replicas'
+        per-task gradients are summed first, giving the global J, and the update, the same
+        on every replica, is handed to the optimizer as each replica's 1/N share. With
+        `local_rows` (the representation level) each replica keeps the rows of its own
+        samples, dL_k/dz, and only their Gramian is summed (Jacobian aggregators get every
+        replica's columns); the update of z, each replica's own columns, stays local.
+        """
+        if not local_rows:
+            gradients.sum_over_replicas()
         scale = (self.optimizer.scale_loss(tf.ones((), losses.dtype))
                  if self._scales_loss() else None)
         strategy = self.strategy
         if strategy.family == "gramian":
             gramian = gradients.gramian(losses.dtype)
+            if local_rows:
+                gramian = replicas.sum_over_replicas(gramian)
             if scale is not None:
                 gramian /= scale * scale
             weights = self._levels.gramian_weights(gramian, losses)
-            return gradients.combine(weights), weights
-        jacobian = gradients.jacobian()
-        if scale is not None:
-            jacobian /= tf.cast(scale, jacobian.dtype)
-        direction, weights = strategy.aggregate(jacobian, losses)
-        if scale is not None:
-            direction *= tf.cast(scale, direction.dtype)
-        return gradients.unflatten(direction), weights
+            update = gradients.combine(weights)
+        else:
+            jacobian = gradients.jacobian()
+            if local_rows:
+                jacobian, own_columns = replicas.gather_columns(jacobian)
+            if scale is not None:
+                jacobian /= tf.cast(scale, jacobian.dtype)
+            direction, weights = strategy.aggregate(jacobian, losses)
+            if scale is not None:
+                direction *= tf.cast(scale, direction.dtype)
+            if local_rows:
+                direction = own_columns(direction)
+            update = gradients.unflatten(direction)
+        if not local_rows:
+            update = {i: replicas.replica_share(g) for i, g in update.items()}
+        return update, weights
 
     def _update_from_layer_gradients(self, tape, task_losses, variables):
         """GradNorm-style strategies: each task's gradient norm at one shared layer."""
@@ -577,6 +746,8 @@ class BalancedModel(keras.Model):
         norms, unreached = [], []
         for task, task_loss in zip(self._task_losses.names, task_losses):
             grads = [g for g in tape.gradient(task_loss, values) if g is not None]
+            # the global batch's gradient (tf.distribute), whose norm is not a sum
+            grads = replicas.sum_over_replicas(grads) if grads else grads
             norms.append(tf.linalg.global_norm(grads) if grads else tf.zeros(()))
             if not grads:
                 unreached.append(task)
@@ -586,7 +757,8 @@ class BalancedModel(keras.Model):
                 f"{unreached} do not depend on that layer, so their gradient norm there is "
                 "0 and cannot be balanced. Name a layer of the trunk that every task "
                 "depends on, or leave layer=None for the last layer they all share.")
-        self.strategy.update_with_gradient_norms(tf.stack(norms), tf.stack(task_losses))
+        self.strategy.update_with_gradient_norms(
+            tf.stack(norms), replicas.sum_over_replicas(tf.stack(task_losses)))
 
     def _balance_layer_variables(self, tape, task_losses, variables):
         name = self.strategy.layer
@@ -640,7 +812,8 @@ class BalancedModel(keras.Model):
         self._task_loss_tracker.update_state(
             _unscale_for_distribution(tf.stack(raw_losses)), sample_weight=batch)
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-        return {k: v for k, v in logs.items() if k not in self._task_weight_tracker.keys}
+        return self._for_replica_reduction(
+            {k: v for k, v in logs.items() if k not in self._task_weight_tracker.keys})
 
     def skip_batches(self, count: int) -> None:
         """Consume the next `count` training batches without training on them (used by
@@ -663,6 +836,20 @@ class BalancedModel(keras.Model):
 
         self.train_function = train_or_skip
         return train_or_skip
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Under tf.distribute Keras builds the model from one batch, which it first reduces
+        across replicas; that reduction fails under MultiWorkerMirroredStrategy (keras-team/
+        keras#20585). Building needs shapes only, so take the first local replica's part."""
+        if iterator is not None and self._distribute_strategy is not None:
+            local = self._distribute_strategy.experimental_local_results
+            for _, _, batches in iterator:
+                data_batch = tf.nest.map_structure(
+                    lambda v: local(v)[0] if isinstance(v, tf.distribute.DistributedValues)
+                    else v, next(batches))
+                break
+            iterator = None
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def fit(self, *args, callbacks=None, **kwargs):
         callbacks = list(callbacks or [])

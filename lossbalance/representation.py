@@ -17,6 +17,7 @@ How the model tells where z is:
 from __future__ import annotations
 
 import keras
+import tensorflow as tf
 
 from keras.src.models.functional import Functional
 
@@ -190,7 +191,10 @@ class RepresentationForward:
         marker._captured = []
         try:
             y_pred = self.model(x, training=training)
-            captured = marker._captured
+            # A first call builds the model by tracing `call` in a scratch graph, which
+            # records z too; keep z of this graph (or the eager one).
+            graph = None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
+            captured = [t for t in marker._captured if getattr(t, "graph", None) is graph]
         finally:
             marker._captured = None
         if len(captured) != 1:

@@ -202,12 +202,14 @@ def box_qp(gramian, lower, max_iterations=500, active_set_iterations=8, ridge=0.
 
     Solver: a primal-dual active-set method (Hintermueller, Ito & Kunisch 2002) on all rows
     at once, started from every bound active; it solves the KKT system exactly once it
-    finds the active set, usually in a few K x K solves. Should a row fail the KKT check
-    after `active_set_iterations`, all rows are solved again by accelerated projected
-    gradient (FISTA with adaptive restart, step 1/lambda_max, stopped when no row moves
-    more than 1e-15 or after `max_iterations`) followed by the active-set method started
-    from the active set found; each row keeps the active-set answer when it is feasible
-    and no worse than the gradient one.
+    finds the active set, usually in a few batched K x K solves (the last ones only for
+    the rows whose active set still changes, when that is at most M // 8 of them; see
+    `_box_active_set`). Should a row fail the KKT check after `active_set_iterations`,
+    all rows are solved again by accelerated projected gradient (FISTA with adaptive
+    restart, step 1/lambda_max, stopped when no row moves more than 1e-15 or after
+    `max_iterations`) followed by the active-set method started from the active set
+    found; each row keeps the active-set answer when it is feasible and no worse than the
+    gradient one.
 
     Returns (M, K) weights in the input dtype.
     """
@@ -252,29 +254,53 @@ def box_qp(gramian, lower, max_iterations=500, active_set_iterations=8, ridge=0.
 
 
 def _box_active_set(g, u, active, iterations):
-    """Primal-dual active-set steps for min_{w >= u} w^T G w / 2, from `active` (M, K);
-    stops early once no row's active set changes."""
+    """Primal-dual active-set steps for min_{w >= u} w^T G w / 2, from `active` (M, K).
+
+    A row is settled once a solve on its active set reproduces that set (its x is then
+    the answer); the steps stop when every row is, or after `iterations` steps of each
+    kind. Steps solve every row while more than M // 8 rows are unsettled (the first one
+    or two, typically), then only the unsettled rows, padded to M // 8 (a static shape, as
+    XLA needs): the last step usually settles one or two rows, and re-solving all M there
+    would be a third of all the solving."""
     k = tf.shape(g)[0]
-    eye = tf.eye(k, dtype=_F64)
+    # Row r's system takes row i of G (+ 1e-15 I) where i is free ((G x)_i = 0) and row i
+    # of the identity where i is active (x_i = u_i): rows of one (2K, K) table.
+    table = tf.concat([g + 1e-15 * tf.eye(k, dtype=_F64), tf.eye(k, dtype=_F64)], 0)
+    positions = tf.range(k)
 
-    def solve(active):
-        a = tf.cast(active, _F64)
-        f = 1.0 - a
-        systems = g[None] * f[:, :, None] * f[:, None, :] + eye[None] * a[:, None, :]
-        rhs = u * a - f * tf.matmul(u * a, g)
-        return tf.linalg.solve(systems + 1e-15 * eye[None], rhs[:, :, None])[:, :, 0]
-
-    def step(i, active, x, changed):
-        x = solve(active)
+    def solve(active, u):
+        """x on each row's active set, and the active set it implies."""
+        systems = tf.gather(table, positions + k * tf.cast(active, positions.dtype))
+        rhs = tf.where(active, u, tf.zeros_like(u))
+        x = tf.linalg.solve(systems, rhs[:, :, None])[:, :, 0]
         multipliers = tf.matmul(x, g)  # = lambda on the active set, 0 on the free set
-        new_active = (multipliers + (u - x)) > 0
-        return i + 1, new_active, x, tf.reduce_any(new_active != active)
+        return x, (multipliers + (u - x)) > 0
 
-    _, _, x, _ = tf.while_loop(
-        lambda i, active, x, changed: (i < iterations) & changed, step,
-        (tf.constant(0), active, u, tf.constant(True)),
-        maximum_iterations=max(iterations, 1))
-    return x
+    def all_rows(i, active, x, unsettled):
+        x, new_active = solve(active, u)
+        return i + 1, new_active, x, tf.reduce_any(new_active != active, axis=-1)
+
+    def some_rows(i, active, x, unsettled):
+        _, rows = tf.math.top_k(tf.cast(unsettled, tf.int32), batch)  # unsettled first
+        index = rows[:, None]
+        old = tf.gather(active, rows)
+        x_rows, new = solve(old, tf.gather(u, rows))
+        return (i + 1, tf.tensor_scatter_nd_update(active, index, new),
+                tf.tensor_scatter_nd_update(x, index, x_rows),
+                tf.tensor_scatter_nd_update(unsettled, index,
+                                            tf.reduce_any(new != old, axis=-1)))
+
+    batch = u.shape[0] // 8 if u.shape[0] is not None else 0
+    state = (tf.constant(0), active, u, tf.ones(tf.shape(u)[:1], tf.bool))
+    state = tf.while_loop(
+        lambda i, active, x, unsettled: (
+            (i < iterations) & (tf.reduce_sum(tf.cast(unsettled, tf.int32)) > batch)),
+        all_rows, state, maximum_iterations=max(iterations, 1))
+    if batch:
+        state = tf.while_loop(
+            lambda i, active, x, unsettled: tf.reduce_any(unsettled), some_rows,
+            (tf.constant(0), *state[1:]), maximum_iterations=max(iterations, 1))
+    return state[2]
 
 
 def _box_projected_gradient(g, u, max_iterations):

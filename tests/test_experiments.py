@@ -272,6 +272,34 @@ def test_user_benchmark_through_the_runner_and_resume(tmp_path, monkeypatch, cap
     assert benchmarks.get_benchmark("user_sines").name == "clfreg" and calls == [0]
 
 
+def test_gradient_level_labels_runs_and_resumes_per_level(tmp_path, capsys):
+    out, failures = tmp_path / "levels", []
+    kwargs = dict(quick=True, baselines=False, progress=False, errors="continue",
+                  failures=failures)
+    with pytest.warns(UserWarning, match="moco@representation"):
+        runs = runner.compare("clfreg", ["mgda", "fixed", "moco"], 1, out,
+                              gradients="representation", **kwargs)
+    # moco is defined at the parameter level only: compile refuses, the others go on
+    assert [f["strategy"] for f in failures] == ["moco@representation"]
+    by_label = {run["strategy"]: run for run in runs}
+    assert set(by_label) == {"mgda@representation", "fixed"}
+    assert by_label["mgda@representation"]["gradient_level"] == "representation"
+    assert by_label["fixed"]["gradients"] is None  # no level applies to a loss strategy
+    fixed = out / "runs" / "fixed-seed0.json"
+    stamp = fixed.stat().st_mtime_ns
+    runs = runner.compare("clfreg", ["mgda", "fixed"], 1, out, **kwargs)
+    assert {run["strategy"]: run["gradient_level"] for run in runs} == {
+        "mgda": "parameters", "fixed": None}
+    assert fixed.stat().st_mtime_ns == stamp  # shared by both levels, not rerun
+    assert sorted(p.name for p in (out / "runs").glob("*.json")) == [
+        "fixed-seed0.json", "mgda-seed0.json", "mgda_representation-seed0.json"]
+    assert runner.run_label("cagrad:c=0.5", "auto") == "cagrad:c=0.5@auto"
+    assert runner.run_label("single:digit", "auto") == "single:digit"
+    with pytest.raises(SystemExit):
+        main(["compare", "--benchmark", "toy", "--gradients", "auto"])
+    assert "parameter level" in capsys.readouterr().err
+
+
 def test_unknown_benchmark_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         main(["compare", "--benchmark", "nope"])

@@ -33,7 +33,7 @@ def multitask_problems(draw):
     }
 
 
-@settings(max_examples=12, deadline=None,
+@settings(max_examples=8, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(multitask_problems())
 def test_training_from_finite_inputs_stays_finite(problem):

@@ -82,6 +82,43 @@ def test_box_qp_matches_scipy(k, kind):
         np.testing.assert_allclose(row, result.x, atol=1e-4 * max(1.0, np.abs(row).max()))
 
 
+def _assert_box_kkt(w, g, lower):
+    """Optimality of min_{w >= u} w^T G w / 2: w >= u, G w >= 0, (G w)_i = 0 where w_i > u_i."""
+    multipliers = w @ g
+    tolerance = 1e-9 * np.abs(g).max() * np.abs(w).max(axis=1, keepdims=True)
+    assert np.all(w >= lower - 1e-12)
+    assert np.all(multipliers >= -tolerance)
+    assert np.all(np.where(w > lower + 1e-12, np.abs(multipliers) <= tolerance, True))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("k", [10, 40])
+def test_box_qp_many_rows_meets_kkt(k, kind):
+    """UPGrad's K problems (lower = I / K) and K random ones at once: with many rows, the
+    active-set method's last steps re-solve only the rows not yet settled."""
+    rng = np.random.default_rng(k)
+    g = random_gramian(k, kind, 5)
+    g = g / np.trace(g) + 1e-4 * np.eye(k)
+    lower = np.concatenate([np.eye(k) / k, rng.uniform(0, 1, size=(k, k))])
+    _assert_box_kkt(box(tf.constant(g), tf.constant(lower)).numpy(), g, lower)
+    # the active-set method alone (box_qp's first attempt), without the fallback
+    first = solvers._box_active_set(tf.constant(g), tf.constant(lower),
+                                    tf.constant(lower @ g > 0), 8)
+    _assert_box_kkt(first.numpy(), g, lower)
+
+
+def test_box_qp_under_xla_matches_graph():
+    k = 9  # 9 rows: the last steps solve one row at a time
+    g = random_gramian(k, "ill", 6)
+    g = g / np.trace(g) + 1e-4 * np.eye(k)
+    lower = np.eye(k) / k
+    xla = tf.function(lambda g, u: solvers.box_qp(g, u), autograph=False, jit_compile=True)
+    w = xla(tf.constant(g), tf.constant(lower)).numpy()
+    _assert_box_kkt(w, g, lower)
+    np.testing.assert_allclose(w, box(tf.constant(g), tf.constant(lower)).numpy(),
+                               rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("alpha, solve", [(1.0, barrier_1), (2.0, barrier_2),
                                           (0.5, barrier_half)])
 @pytest.mark.parametrize("k", SIZES)

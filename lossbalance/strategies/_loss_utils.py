@@ -10,15 +10,27 @@ they write (written with `aggregation="only_first_replica"` or `"mean"`).
 
 from __future__ import annotations
 
+import threading
+
 import tensorflow as tf
 
+from lossbalance.replicas import num_replicas, replica_share, sum_over_replicas
 
-def num_replicas() -> int:
-    """Replicas in sync in the current context (1 outside `tf.distribute`)."""
-    context = tf.distribute.get_replica_context()
-    if context is None:  # cross-replica context
-        return tf.distribute.get_strategy().num_replicas_in_sync
-    return context.num_replicas_in_sync
+
+def assign_add(variable, value) -> None:
+    """`variable += value` as one `AssignAddVariableOp`.
+
+    Keras' `Variable.assign_add` reads the variable, adds and assigns (three ops, and the
+    assign's value is read back by TensorFlow): in a training step of small ops each one
+    costs executor time. The result is the same; under `tf.distribute` the underlying
+    variable applies its aggregation as Keras' `assign` does. In a Keras stateless scope
+    (where `variable.value` is not a `tf.Variable`) it falls back to Keras' method.
+    """
+    target = variable.value
+    if isinstance(target, tf.Variable):
+        target.assign_add(tf.cast(value, target.dtype), read_value=False)
+    else:
+        variable.assign_add(value)
 
 
 def per_step(owner, key: str, losses: tf.Tensor, compute):
@@ -29,16 +41,37 @@ def per_step(owner, key: str, losses: tf.Tensor, compute):
     and the value of its scalarisation, or the global losses) computes them once. Only
     while tracing a graph: in eager mode every call computes afresh, since the strategy's
     state may have changed between two calls with the same tensor.
+
+    Entries are kept per thread: `tf.distribute.MirroredStrategy` traces each replica's
+    step in its own thread, interleaved at its synchronisation points, and each replica
+    must find its own entries (else the replicas would run different collectives). An
+    entry serves the graph it was computed in and the graphs nested in it (`tf.cond`
+    branches), never another trace: an eager `losses` tensor captured by two traces is
+    the same object in both.
     """
     if tf.executing_eagerly():
         return compute()
-    cache = owner.__dict__.setdefault("_per_step_cache", {})  # plain dict: not tracked
-    hit = cache.get(key)
-    if hit is not None and hit[0] is losses:
-        return hit[1]
+    hit = _per_step_cached(owner, key, losses)
+    if hit is not None:
+        return hit
     value = compute()
-    cache[key] = (losses, value)
+    owner.__dict__.setdefault("_per_step_cache", {})[(key, threading.get_ident())] = (
+        losses, tf.compat.v1.get_default_graph(), value)  # a plain dict: not tracked
     return value
+
+
+def _per_step_cached(owner, key: str, losses: tf.Tensor):
+    """The value `per_step` holds for `key` and this `losses` tensor in the graph being
+    traced, or None (always None in eager mode)."""
+    if tf.executing_eagerly():
+        return None
+    hit = owner.__dict__.get("_per_step_cache", {}).get((key, threading.get_ident()))
+    if hit is None or hit[0] is not losses:
+        return None
+    graph = tf.compat.v1.get_default_graph()
+    while graph is not None and graph is not hit[1]:
+        graph = getattr(graph, "outer_graph", None)
+    return None if graph is None else hit[2]
 
 
 def global_losses(losses: tf.Tensor, owner=None) -> tf.Tensor:
@@ -52,12 +85,11 @@ def global_losses(losses: tf.Tensor, owner=None) -> tf.Tensor:
     all-reduce of one `losses` tensor is then done once per step and reused, and since the
     weights depend on it, it runs before the gradients' all-reduce on every replica.
     """
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync <= 1:
+    if num_replicas() == 1:
         return tf.stop_gradient(losses)
 
     def all_reduce():
-        return context.all_reduce(tf.distribute.ReduceOp.SUM, tf.stop_gradient(losses))
+        return sum_over_replicas(tf.stop_gradient(losses))
 
     if owner is None:
         return all_reduce()
@@ -80,5 +112,4 @@ def surrogate_offset(value: tf.Tensor, weights: tf.Tensor, losses: tf.Tensor) ->
         weights: the (K,) weights w at the global losses.
         losses: the (K,) global losses.
     """
-    offset = value - tf.reduce_sum(weights * losses)
-    return tf.stop_gradient(offset / tf.cast(num_replicas(), offset.dtype))
+    return tf.stop_gradient(replica_share(value - tf.reduce_sum(weights * losses)))

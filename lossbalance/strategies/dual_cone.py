@@ -63,9 +63,10 @@ class UPGrad(_DualConeProjection):
     check non-conflict there) and is the better choice when gradient scales differ a lot.
     The weights are sums of w^(i) >= e_i / K, so every weight is at least 1/K.
 
-    Solver: the K box-constrained QPs are solved together in-graph by accelerated projected
-    gradient followed by an exact active-set step (`lossbalance.solvers.box_qp`); TorchJD
-    calls quadprog on the host.
+    Solver: the K box-constrained QPs are solved together in-graph by an exact primal-dual
+    active-set method, with accelerated projected gradient as a fallback should its answer
+    fail the optimality check (`lossbalance.solvers.box_qp`); TorchJD calls quadprog on
+    the host.
 
     Args:
         preference: "mean" (default) or "sum".

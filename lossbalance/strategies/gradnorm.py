@@ -3,6 +3,7 @@
 import keras
 import tensorflow as tf
 
+from lossbalance.replicas import replica_share
 from lossbalance.strategies.base import LossWeighting, check_number
 from lossbalance.strategies.registry import register
 
@@ -90,7 +91,8 @@ class GradNorm(LossWeighting):
         relative_rates = tf.math.divide_no_nan(rates, tf.reduce_mean(rates))
         target = tf.reduce_mean(weighted_norms) * relative_rates**self.alpha
         gradient = tf.sign(weighted_norms - target) * norms
-        self.weight_optimizer.apply([gradient], [self.task_weights])
+        # every replica computes this same gradient; the optimizer sums the replicas'
+        self.weight_optimizer.apply([replica_share(gradient)], [self.task_weights])
 
         k = float(self.num_tasks)
         positive = tf.maximum(tf.convert_to_tensor(self.task_weights), 1e-6 * k)

@@ -3,7 +3,7 @@
 import keras
 import tensorflow as tf
 
-from lossbalance.strategies._loss_utils import num_replicas
+from lossbalance.replicas import replica_share
 from lossbalance.strategies.base import LossWeighting, check_number
 from lossbalance.strategies.registry import register
 
@@ -67,6 +67,5 @@ class IMTLL(LearnedLossScales, LossWeighting):
         return tf.exp(tf.cast(self.log_scale, losses.dtype))
 
     def extra_loss(self, losses):
-        s = tf.cast(self.log_scale, losses.dtype)
-        return -tf.reduce_sum(s) / tf.cast(num_replicas(), losses.dtype)
+        return replica_share(-tf.reduce_sum(tf.cast(self.log_scale, losses.dtype)))
 

@@ -2,7 +2,8 @@
 
 import tensorflow as tf
 
-from lossbalance.strategies._loss_utils import global_losses, per_step, surrogate_offset
+from lossbalance.strategies._loss_utils import (assign_add, global_losses, per_step,
+                                                surrogate_offset)
 from lossbalance.strategies.base import LossWeighting, check_number
 from lossbalance.strategies.registry import register
 
@@ -86,7 +87,8 @@ class SmoothTchebycheff(LossWeighting):
         self.nadir = state("nadir", (num_tasks,), "ones")
 
     def _weights_and_value(self, losses):
-        """(weights, value, global losses), computed once per step (see `per_step`)."""
+        """(weights, value, global losses, completed epochs), computed once per step (see
+        `per_step`)."""
         return per_step(self, "weights", losses, lambda: self._compute(losses))
 
     def _compute(self, losses):
@@ -108,23 +110,23 @@ class SmoothTchebycheff(LossWeighting):
         stch_weights = k * share * slope
         stch_value = k * self.mu * tf.reduce_logsumexp(scaled / self.mu)
 
-        warm = tf.convert_to_tensor(self.epochs_done) < float(self.stch_start_epoch)
+        done = tf.convert_to_tensor(self.epochs_done)  # read once, for both methods
+        warm = done < float(self.stch_start_epoch)
         weights = tf.where(warm, warmup_weights, stch_weights)
         value = tf.where(warm, warmup_value, stch_value)
-        return weights, value, total
+        return weights, value, total, done
 
     def loss_weights(self, losses):
         """This step's weights; in the recording epoch also records the losses."""
-        weights, _, total = self._weights_and_value(losses)
+        weights, _, total, done = self._weights_and_value(losses)
         if self.normalize:
-            recording = tf.equal(tf.convert_to_tensor(self.epochs_done),
-                                 float(self.warmup_epochs))
-            self.nadir_sum.assign_add(tf.where(recording, total, tf.zeros_like(total)))
-            self.nadir_steps.assign_add(tf.where(recording, 1.0, 0.0))
+            recording = tf.equal(done, float(self.warmup_epochs))
+            assign_add(self.nadir_sum, tf.where(recording, total, tf.zeros_like(total)))
+            assign_add(self.nadir_steps, tf.where(recording, 1.0, 0.0))
         return tf.stop_gradient(tf.cast(weights, losses.dtype))
 
     def extra_loss(self, losses):
-        weights, value, total = self._weights_and_value(losses)
+        weights, value, total, _ = self._weights_and_value(losses)
         return tf.cast(surrogate_offset(value, weights, total), losses.dtype)
 
     def on_epoch_end(self, epoch):

@@ -3,7 +3,7 @@
 import keras
 import tensorflow as tf
 
-from lossbalance.strategies._loss_utils import num_replicas
+from lossbalance.replicas import replica_share
 from lossbalance.strategies.base import LossWeighting, check_choice, check_number, resolve_per_task
 from lossbalance.strategies.registry import register
 
@@ -73,8 +73,7 @@ class UncertaintyWeighting(LossWeighting):
     def extra_loss(self, losses):
         # Every replica adds this term and the optimizer sums their gradients: divide by
         # the replica count, as Keras does for the task losses.
-        penalty = 0.5 * tf.reduce_sum(tf.cast(self.log_variance, losses.dtype))
-        return penalty / tf.cast(num_replicas(), losses.dtype)
+        return replica_share(0.5 * tf.reduce_sum(tf.cast(self.log_variance, losses.dtype)))
 
     @property
     def variances(self):

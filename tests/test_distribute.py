@@ -31,13 +31,17 @@ MIRRORED_RUNS = [
     {"strategy": "dwa", "epochs": 3},
     {"strategy": "famo"},
     {"strategy": "gradnorm"},
+    {"strategy": "mean"},  # linear in the gradients
     {"strategy": "pcgrad"},
+    {"strategy": "cagrad"},
     {"strategy": "nash_mtl"},
     {"strategy": "imtl"},
     {"strategy": "db_mtl"},
     {"strategy": "graddrop"},
     {"strategy": "mgda", "vectorize": True},
+    {"strategy": "mean", "gradients": "representation"},
     {"strategy": "mgda", "gradients": "representation"},
+    {"strategy": "nash_mtl", "gradients": "representation"},
     {"strategy": "graddrop", "gradients": "representation"},
     # a NaN target on one replica only (its local loss alone is NaN): all replicas skip
     {"strategy": "uncertainty", "nonfinite": "skip", "poison": True},

@@ -575,8 +575,7 @@ class BalancedModel(keras.Model):
             shared, weights = self._strategy_update(gradients, losses)
             return gradients.gradients(shared, other_grads), weights
 
-        trunk = self._trunk_indices(tape, representation, variables)
-        heads = [i for i in range(len(variables)) if i not in trunk]
+        trunk, heads = self._split_at_representation(tape, representation, variables)
         sources = [representation] + [variables[i] for i in heads]
         gradients = TaskGradients(task_gradients(tape, scaled_losses, sources), sources)
         self._check_task_gradients(gradients, at_representation=True)
@@ -592,13 +591,16 @@ class BalancedModel(keras.Model):
             grads = [_add(g, o) for g, o in zip(grads, other_grads)]
         return grads, weights
 
-    def _trunk_indices(self, tape, representation, variables):
-        """Indices of the variables upstream of the representation (found once)."""
+    def _split_at_representation(self, tape, representation, variables):
+        """(indices of the variables upstream of the representation, indices of the others),
+        the trunk found once."""
         levels = self._levels
         if levels.trunk_ids is None:  # structure only: unused ops are pruned from graphs
             reached = tape.gradient(representation, [v.value for v in variables])
             levels.trunk_ids = {id(v) for v, g in zip(variables, reached) if g is not None}
-        return [i for i, v in enumerate(variables) if id(v) in levels.trunk_ids]
+        upstream = [id(v) in levels.trunk_ids for v in variables]
+        return ([i for i, up in enumerate(upstream) if up],
+                [i for i, up in enumerate(upstream) if not up])
 
     def _vectorized_task_gradients(self, tape, scaled_losses, variables, representation):
         """The parameter level's per-task gradients, found through z (`vectorize=True`).
@@ -609,8 +611,7 @@ class BalancedModel(keras.Model):
         (`_trunk_rows`). As z is a cut, these are exactly the per-task gradients of every
         variable, and the stacked trunk rows are the only K x P copy.
         """
-        trunk = self._trunk_indices(tape, representation, variables)
-        after = sorted(set(range(len(variables))) - set(trunk))
+        trunk, after = self._split_at_representation(tape, representation, variables)
         through_heads = task_gradients(
             tape, scaled_losses, [representation] + [variables[i] for i in after])
         reaching = [k for k, g in enumerate(through_heads) if g[0] is not None]

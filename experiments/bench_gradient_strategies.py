@@ -206,10 +206,10 @@ def solver_times(names, num_tasks=40, repeats=30, batch=10, seed=0):
     return result
 
 
-def _ratio_cell(trunk, level, num_tasks, ratio, low, high):
+def _ratio_cell(trunk, level, num_tasks, row):
     target = TARGETS.get((trunk, level, num_tasks))
-    mark = " (over)" if target is not None and ratio > target else ""
-    return f"{ratio:.2f} [{low:.2f}-{high:.2f}]{mark}"
+    mark = " (over)" if target is not None and row.ratio > target else ""
+    return f"{row.ratio:.2f} [{row.quartile_low:.2f}-{row.quartile_high:.2f}]{mark}"
 
 
 def main(argv=None):
@@ -260,9 +260,9 @@ def main(argv=None):
             for xla in args.xla:
                 print(f"{trunk} K={num_tasks} XLA {xla} ...", file=sys.stderr, flush=True)
                 rows = time_group(args, trunk, num_tasks, xla == "on")
-                cells = [_ratio_cell(trunk, config, num_tasks, *rows[config][1:])
+                cells = [_ratio_cell(trunk, config, num_tasks, rows[config])
                          for config in timed]
-                line = (f"| {trunk} | {num_tasks} | {xla} | {rows['keras'][0]:.1f} | "
+                line = (f"| {trunk} | {num_tasks} | {xla} | {rows['keras'].ms:.1f} | "
                         + " | ".join(cells) + " |")
                 if args.memory:
                     memory = measure_memory(args, trunk, num_tasks, xla == "on")

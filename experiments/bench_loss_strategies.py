@@ -10,10 +10,12 @@ the compiled `model.train_function` is called directly on each model's own itera
 the dataset, one step a call, and timed. Runs are interleaved: each round times `--steps`
 steps of every configuration, in a rotated order, so that drifts and bursts of load on a
 shared machine hit all configurations alike. The table gives each configuration's median
-step time over all rounds, its ratio to plain Keras's median, and the range of the
-per-round ratios (middle half, quartiles) as a measure of noise, and the ratio to
-`BalancedModel` with the `fixed` strategy, which separates a strategy's own cost from the
-cost of `BalancedModel`'s training step.
+step time over all rounds, its ratio to plain Keras's median with a 95% bootstrap interval
+(resampling rounds), and the ratio to `BalancedModel` with the `fixed` strategy, which
+separates a strategy's own cost from the cost of `BalancedModel`'s training step. A target
+is reported met or over only when the whole interval lies on one side of it; otherwise the
+run could not tell, and more rounds (`--rounds`, with few `--steps` each) narrow the
+interval.
 
 Target: every loss-level strategy within 1.05x of plain Keras, FAMO (one extra forward pass
 per step) within 1.4x.
@@ -148,8 +150,8 @@ def benchmark(args, num_tasks):
     timing.check_finite(models, dataset)
     rows = timing.summarise(per_step, per_round)
     fixed = rows.get("fixed")
-    # name -> (median ms, ratio to keras, quartiles of per-round ratios, ratio to fixed)
-    table = {name: (*row, None if fixed is None else row[0] / fixed[0])
+    # name -> (timing.Summary against keras, ratio of medians to fixed)
+    table = {name: (row, None if fixed is None else row.ms / fixed.ms)
              for name, row in rows.items()}
     kernels = ({name: timing.executed_kernels(model, iterators[name])
                 for name, model in models.items()} if args.kernels else None)
@@ -189,28 +191,33 @@ def main(argv=None):
     print(f"\nMedian step {args.clock} time and ratio to plain Keras ({device}, "
           f"{os.cpu_count()} cores, {args.threads or 'default'} TF threads; "
           f"batch {args.batch_size}, trunk {args.inputs}-{args.hidden}-{args.hidden}; "
-          f"{args.rounds} rounds x {args.steps} steps; [quartiles] of per-round ratios)\n")
+          f"{args.rounds} rounds x {args.steps} steps; [95% bootstrap interval] of the "
+          "ratio; a target is met or over only when the whole interval is on one side, "
+          "else unresolved: run more rounds)\n")
     header = "| strategy | target |" + "".join(
-        f" K={k} ms | K={k} / keras [quartiles] | K={k} / fixed |" for k in args.tasks)
+        f" K={k} ms | K={k} / keras [95%] | K={k} / fixed |" for k in args.tasks)
     print(header)
     print("|---|---|" + "---|---|---|" * len(args.tasks))
-    failed = []
+    verdicts = {"over": [], "unresolved": []}
     for name in ["keras", *args.strategies]:
         target = TARGETS.get(name, DEFAULT_TARGET)
         cells = []
         for k in args.tasks:
-            ms, ratio, low, high, to_fixed = results[k][name]
-            mark = "" if name == "keras" or ratio <= target else " (over)"
-            if mark:
-                failed.append((name, k, ratio))
+            row, to_fixed = results[k][name]
+            verdict = None if name == "keras" else row.verdict(target)
+            if verdict in verdicts:
+                verdicts[verdict].append(f"{name} (K={k}: {row.ratio:.3f}x "
+                                         f"[{row.ci_low:.3f}-{row.ci_high:.3f}])")
+            mark = "" if verdict in (None, "met") else f" ({verdict})"
             fixed_cell = "-" if to_fixed is None or name == "keras" else f"{to_fixed:.3f}"
-            cells.append(f" {ms:.2f} | {ratio:.3f} [{low:.2f}-{high:.2f}]{mark} |"
-                         f" {fixed_cell} |")
+            cells.append(f" {row.ms:.2f} | {row.ratio:.3f} [{row.ci_low:.3f}-"
+                         f"{row.ci_high:.3f}]{mark} | {fixed_cell} |")
         label = "plain keras.Model" if name == "keras" else f"`{name}`"
         print(f"| {label} | {'-' if name == 'keras' else f'{target:.2f}x'} |"
               + "".join(cells))
-    if failed:
-        print("\nOver target: " + ", ".join(f"{n} (K={k}: {r:.3f}x)" for n, k, r in failed))
+    for verdict, cells in verdicts.items():
+        if cells:
+            print(f"\n{verdict.capitalize()}: " + ", ".join(cells))
     if args.kernels or args.own_cost:
         print_own_work(args, extras)
     return 0

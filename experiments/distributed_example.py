@@ -19,8 +19,11 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package
 
 
 def make_data(samples, seed=0):

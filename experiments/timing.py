@@ -4,14 +4,17 @@ Every model is built, traced and warmed up with `fit`; then its compiled `train_
 is called directly on its own iterator, one step a call, and timed. Runs are interleaved:
 each round times `steps` steps of every configuration, in a rotated order, so that drifts
 and bursts of load on a shared machine hit all configurations alike. `summarise` gives each
-configuration's median step time, its ratio to a baseline's median, and the quartiles of the
-per-round ratios as a measure of noise.
+configuration's median step time, its ratio to a baseline's median, the quartiles of the
+per-round ratios as a measure of noise, and a bootstrap interval of the ratio that says how
+precisely the run pins it down (more rounds narrow it; a target is judged met or missed only
+when the whole interval falls on one side).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -62,16 +65,45 @@ def check_finite(models, dataset):
             raise RuntimeError(f"{name}: non-finite loss {loss} after training")
 
 
-def summarise(per_step, per_round, baseline="keras"):
-    """name -> (median ms, ratio to the baseline, lower and upper quartile of the
-    per-round ratios)."""
+class Summary(NamedTuple):
+    """One configuration's figures against the baseline."""
+
+    ms: float  # median step time
+    ratio: float  # median step time / the baseline's
+    quartile_low: float  # quartiles of the per-round ratios: the noise of one round
+    quartile_high: float
+    ci_low: float  # 95% bootstrap interval of `ratio`: how precisely it is known
+    ci_high: float
+
+    def verdict(self, target):
+        """"met" when the whole interval is within the target, "over" when the whole of it
+        is above, "unresolved" when the noise does not tell."""
+        if self.ci_high <= target:
+            return "met"
+        return "over" if self.ci_low > target else "unresolved"
+
+
+def summarise(per_step, per_round, baseline="keras", resamples=2000, seed=0):
+    """name -> Summary. The interval resamples whole rounds (with replacement, the same
+    rounds for a configuration and the baseline, so that the load they shared stays
+    paired) and recomputes the ratio of the medians."""
     base = statistics.median(per_step[baseline])
+    rounds = len(per_round[baseline])
+    picks = np.random.default_rng(seed).integers(0, rounds, size=(resamples, rounds))
+
+    def resampled_medians(times):
+        by_round = np.asarray(times).reshape(rounds, -1)
+        return np.median(by_round[picks].reshape(resamples, -1), axis=1)
+
+    base_medians = resampled_medians(per_step[baseline])
     rows = {}
     for name, times in per_step.items():
         median = statistics.median(times)
         ratios = [r / b for r, b in zip(per_round[name], per_round[baseline])]
         low, _, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-        rows[name] = (median * 1e3, median / base, low, high)
+        ci_low, ci_high = np.percentile(resampled_medians(times) / base_medians, [2.5, 97.5])
+        rows[name] = Summary(median * 1e3, median / base, low, high, float(ci_low),
+                             float(ci_high))
     return rows
 
 

@@ -27,6 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARK_GROUPS = (("toy", "clfreg"), ("synthetic", "multidigits"))
 
 
+# The quick comparisons below start once per worker process; keep this module on one.
+pytestmark = pytest.mark.xdist_group("experiments")
+
+
 # -- every benchmark x every strategy, in --quick mode -------------------------------------
 
 

@@ -48,6 +48,13 @@ def count_shared_parameters(task_losses, variables, *inputs) -> int:
     return int(counted[0])
 
 
+#: Up to this many tasks, the Gramian and the combination J^T w are computed from the task
+#: gradients one by one (K (K + 1) / 2 dot products, K scaled adds per variable) instead of
+#: from a stacked (K, *shape) copy, whose allocation and copy cost more than they save for
+#: few tasks (bench_gradient_strategies.py, MLP K = 2).
+DIRECT_MAX_TASKS = 4
+
+
 class TaskGradients:
     """The per-task gradients of one training step.
 
@@ -71,7 +78,6 @@ class TaskGradients:
         # `variables` may also hold tensors (the shared representation z).
         self.num_tasks = len(per_task)
         self.variables = list(variables)
-        self.per_task = per_task
         self._given = dict(stacked or {})
         given_tasks = list(range(self.num_tasks) if stacked_tasks is None else stacked_tasks)
         reached_by = [
@@ -86,48 +92,91 @@ class TaskGradients:
         shared_reach = {k for i in self.shared for k in reached_by[i]}
         #: Tasks that reach no shared variable (their row of J is zero).
         self.tasks_without_shared = [k for k in range(self.num_tasks) if k not in shared_reach]
-        # (K, *shape) per shared variable; a task that does not reach it contributes zeros.
-        self.stacked = {
-            i: self._given[i] if i in self._given else tf.stack([
-                tf.convert_to_tensor(g[i]) if g[i] is not None
-                else tf.zeros_like(self.variables[i])
-                for g in per_task
-            ])
-            for i in self.shared
-        }
+        # Dense per-task gradients of the shared variables (an embedding's come sparse).
+        shared = set(self.shared)
+        self.per_task = [[tf.convert_to_tensor(g) if i in shared and g is not None else g
+                          for i, g in enumerate(row)] for row in per_task]
+        self._stacked = {}  # stacked copies made so far
 
     @property
     def has_shared(self) -> bool:
         return bool(self.shared)
 
+    def stacked(self, i) -> tf.Tensor:
+        """(K, *shape): the per-task gradients of shared variable i, a task that does not
+        reach it contributing zeros (given, or stacked when first asked for)."""
+        if i in self._given:
+            return self._given[i]
+        if i not in self._stacked:
+            self._stacked[i] = tf.stack([
+                tf.zeros_like(self.variables[i]) if g[i] is None else g[i]
+                for g in self.per_task])
+        return self._stacked[i]
+
+    def _direct(self, i) -> bool:
+        """Whether the Gramian and J^T w of shared variable i come from the task gradients
+        one by one (few tasks, not already stacked) rather than from a stacked copy."""
+        return (self.num_tasks <= DIRECT_MAX_TASKS and i not in self._given
+                and i not in self._stacked)
+
     def sum_over_replicas(self) -> None:
         """Under tf.distribute: replace each replica's per-task gradients of the shared
         variables by their sum over replicas, the global J (K x P all-reduced: a Gramian
         or any non-linear combination of a sum is not the sum of the replicas' ones)."""
-        if self.stacked:
-            self.stacked = dict(zip(self.stacked, replicas.sum_over_replicas(
-                list(self.stacked.values()))))
+        slots = [(k, i) for i in self.shared if i not in self._given
+                 for k in range(self.num_tasks) if self.per_task[k][i] is not None]
+        given = [i for i in self.shared if i in self._given]
+        if not slots and not given:
+            return
+        summed = replicas.sum_over_replicas(
+            [self.per_task[k][i] for k, i in slots] + [self._given[i] for i in given])
+        for (k, i), g in zip(slots, summed):
+            self.per_task[k][i] = g
+        self._given.update(zip(given, summed[len(slots):]))
+        self._stacked = {}  # of the local gradients
 
     def gramian(self, dtype=None) -> tf.Tensor:
-        """G = J J^T (K x K) over the shared variables, accumulated variable by variable."""
-        total = tf.zeros((self.num_tasks, self.num_tasks), dtype or tf.float32)
-        for stacked in self.stacked.values():
-            rows = tf.reshape(stacked, (self.num_tasks, -1))
-            rows = tf.cast(rows, total.dtype)
-            total += tf.matmul(rows, rows, transpose_b=True)
-        return total
+        """G = J J^T (K x K) over the shared variables, accumulated variable by variable:
+        a matrix product of the stacked rows, or for few tasks the K (K + 1) / 2 dot
+        products of the task gradients themselves (no stacked copy)."""
+        dtype = dtype or tf.float32
+        total = tf.zeros((self.num_tasks, self.num_tasks), dtype)
+        products = {}  # (k, l), k <= l -> [g_k . g_l of each variable]
+        for i in self.shared:
+            if not self._direct(i):
+                rows = tf.cast(tf.reshape(self.stacked(i), (self.num_tasks, -1)), dtype)
+                total += tf.matmul(rows, rows, transpose_b=True)
+                continue
+            rows = [None if g[i] is None else tf.cast(g[i], dtype) for g in self.per_task]
+            for k, a in enumerate(rows):
+                for l in range(k, self.num_tasks):
+                    if a is not None and rows[l] is not None:
+                        products.setdefault((k, l), []).append(tf.reduce_sum(a * rows[l]))
+        if not products:
+            return total
+        entry = {pair: tf.add_n(terms) for pair, terms in products.items()}
+        zero = tf.zeros((), dtype)
+        return total + tf.stack([
+            tf.stack([entry.get((min(k, l), max(k, l)), zero) for l in range(self.num_tasks)])
+            for k in range(self.num_tasks)])
 
     def jacobian(self) -> tf.Tensor:
         """J (K x P): the flattened per-task gradients on the shared variables."""
         return tf.concat(
-            [tf.reshape(s, (self.num_tasks, -1)) for s in self.stacked.values()], axis=1)
+            [tf.reshape(self.stacked(i), (self.num_tasks, -1)) for i in self.shared], axis=1)
 
     def combine(self, weights) -> dict:
         """J^T w for every shared variable: {variable index: gradient}."""
-        result = {}
-        for i, stacked in self.stacked.items():
-            w = tf.cast(weights, stacked.dtype)
-            result[i] = tf.tensordot(w, stacked, axes=1)
+        result, each = {}, None
+        for i in self.shared:
+            if self._direct(i):
+                if each is None:
+                    each = tf.unstack(weights, num=self.num_tasks)
+                result[i] = tf.add_n([tf.cast(w, g[i].dtype) * g[i]
+                                      for w, g in zip(each, self.per_task) if g[i] is not None])
+            else:
+                stacked = self.stacked(i)
+                result[i] = tf.tensordot(tf.cast(weights, stacked.dtype), stacked, axes=1)
         return result
 
     def unflatten(self, direction) -> dict:

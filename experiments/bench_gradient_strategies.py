@@ -22,9 +22,12 @@ stride 2) -> global average pooling -> Dense(128), the same heads, batch 64. Hea
 between 4-class cross-entropy and MSE.
 
 Part 2 times the strategies' weight solvers alone on a 40 x 40 Gramian (the compiled
-`gramian_weights` as a graph and with XLA, median of many calls). Targets (cells over
-them are marked): representation level <= 1.3x plain Keras for K <= 8 and <= 2x at K = 32;
-parameter level, on the MLP, <= 1.5x at K = 2 and <= 2.8x at K = 8; each solver under 2 ms.
+`gramian_weights` as a graph and with XLA, median of many calls).
+
+Targets: representation level <= 1.3x plain Keras for K <= 8 and <= 2x at K = 32; parameter
+level, on the MLP, <= 1.5x at K = 2 and <= 2.8x at K = 8; each solver under 2 ms. A cell is
+marked "over" when the 95% bootstrap interval of its ratio lies above its target,
+"unresolved" when the interval straddles it (more `--rounds` narrow it).
 """
 
 from __future__ import annotations
@@ -207,8 +210,12 @@ def solver_times(names, num_tasks=40, repeats=30, batch=10, seed=0):
 
 
 def _ratio_cell(trunk, level, num_tasks, row):
+    """ratio [quartiles of the per-round ratios], and against a target the verdict of the
+    ratio's 95% interval when it is not met."""
     target = TARGETS.get((trunk, level, num_tasks))
-    mark = " (over)" if target is not None and row.ratio > target else ""
+    verdict = None if target is None else row.verdict(target)
+    mark = "" if verdict in (None, "met") else (
+        f" ({verdict}: 95% {row.ci_low:.2f}-{row.ci_high:.2f})")
     return f"{row.ratio:.2f} [{row.quartile_low:.2f}-{row.quartile_high:.2f}]{mark}"
 
 
@@ -248,7 +255,8 @@ def main(argv=None):
     device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
     print(f"Step {args.clock} time of `{args.strategy}` as a ratio to plain Keras with the "
           f"same XLA setting ({device}, {os.cpu_count()} cores; {args.rounds} rounds x "
-          f"{args.steps} steps; [quartiles] of per-round ratios)\n")
+          f"{args.steps} steps; [quartiles] of per-round ratios; targets judged on the "
+          "ratio's 95% interval)\n")
     names = {"keras": "keras", "vectorized": "vectorised parameters", **{l: l for l in LEVELS}}
     timed = configs(args)[1:]
     memory_header = "".join(f" {names[c]} MiB |" for c in configs(args)) if args.memory else ""

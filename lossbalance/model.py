@@ -95,6 +95,18 @@ class _ScaledObjectives:
     own: object  # objective of the strategy's own trainable variables
 
 
+def _check_zero_loss_weights(task_losses, strategy):
+    zero = [task.name for task in task_losses.tasks if task.loss_weight == 0]
+    if zero and not strategy.allows_zero_loss_weights:
+        raise ValueError(
+            f"compile(loss_weights=...) gives task(s) {zero} the weight 0, but strategy "
+            f"{strategy.registry_name or type(strategy).__name__!r} balances the tasks "
+            "against each other, and a loss held at 0 breaks that (a zero gradient makes "
+            "MGDA's update zero; a log of 0 or a ratio 0 / 0 makes weights infinite or NaN). "
+            f"To leave a task untrained, give it no loss (compile(loss={{{zero[0]!r}: None, "
+            "...}), and follow it with a metric); otherwise give it a positive weight.")
+
+
 def _transformed_task_losses(strategy, losses, separate=True):
     """Each task's loss after `strategy.transform_losses`, as K tensors.
 
@@ -181,6 +193,8 @@ class BalancedModel(keras.Model):
                 name (None for an output leaves it untrained). Required.
             loss_weights: per-output weights, as in Keras; they scale each task's loss
                 before the strategy sees it (and multiply a `fixed` strategy's weights).
+                A weight of 0 is refused unless the strategy allows it (`fixed`, `rlw`);
+                give an output no loss to leave it untrained.
             strategy: a registered name (`lossbalance.strategies.available()`), a
                 `Strategy` instance, or a config dict such as `{"name": "cagrad", "c": 0.5}`.
                 Default `"fixed"`: equal weights, exactly stock Keras. An instance that
@@ -220,6 +234,7 @@ class BalancedModel(keras.Model):
         strategy = strategies.get(strategy)
         strategy.bind(task_losses.names)
         self._check_strategy_fits(strategy)
+        _check_zero_loss_weights(task_losses, strategy)
         forward = self._representation_forward(strategy, task_losses, gradients,
                                                 representation, vectorize)
         if len(task_losses.tasks) == 1:

@@ -145,6 +145,22 @@ def test_losses_that_do_not_match_the_outputs_fail_at_compile(kwargs, match):
         model.compile(optimizer="sgd", **kwargs)
 
 
+@pytest.mark.parametrize("name", lossbalance.strategies.available())
+def test_a_zero_loss_weight_is_refused_where_it_breaks_the_balance(name):
+    """A task held at loss 0 gives MGDA a zero update, log-based strategies a log of 0 and
+    ratio-based ones 0 / 0: compile refuses it, naming the task and the fix, except for
+    strategies whose weights do not depend on the losses (fixed, RLW)."""
+    model = make_trunk_model()
+    compile_ = lambda: model.compile(optimizer="sgd", loss=TWO_HEAD_LOSS, strategy=name,
+                                     loss_weights={"cls": 1.0, "reg": 0.0})
+    if name in ("fixed", "rlw"):
+        compile_()
+        assert model.strategy.allows_zero_loss_weights
+    else:
+        with pytest.raises(ValueError, match=r"\['reg'\] the weight 0.*'reg': None"):
+            compile_()
+
+
 def test_targets_that_do_not_match_the_tasks_are_named(two_head_data):
     x, y = two_head_data
     model = make_trunk_model()

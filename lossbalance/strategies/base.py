@@ -41,6 +41,11 @@ class Strategy(keras.layers.Layer):
     #: the shared parameters) and/or at "representation" (with respect to the shared
     #: representation; `BalancedModel.compile(gradients=...)`).
     gradient_levels: tuple[str, ...] = ("parameters", "representation")
+    #: Whether a task may have `compile(loss_weights=...)` 0. Only strategies that scale
+    #: each loss by a weight independent of the losses allow it; for the others a loss held
+    #: at 0 breaks the balance (a zero gradient makes MGDA's update zero, a log of 0 or a
+    #: loss ratio 0 / 0 makes weights infinite or NaN).
+    allows_zero_loss_weights: bool = False
 
     def __init__(self, name=None, **kwargs):
         unknown = sorted(set(kwargs) - _LAYER_ARGUMENTS)

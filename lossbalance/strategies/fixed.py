@@ -33,6 +33,8 @@ class FixedWeights(LossWeighting):
     that a tuned fixed weighting is a strong baseline.
     """
 
+    allows_zero_loss_weights = True
+
     def __init__(self, weights=None, **kwargs):
         super().__init__(**kwargs)
         if isinstance(weights, Mapping):

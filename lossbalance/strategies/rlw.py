@@ -48,6 +48,8 @@ class RandomLossWeighting(LossWeighting):
     Weighting: A Litmus Test for Multi-Task Learning", TMLR 2022.
     """
 
+    allows_zero_loss_weights = True
+
     def __init__(self, distribution="normal", stddev=1.0, alpha=1.0, weights_sum="one",
                  seed=None, **kwargs):
         super().__init__(**kwargs)

@@ -115,9 +115,8 @@ class TaskGradients:
 
     def _direct(self, i) -> bool:
         """Whether the Gramian and J^T w of shared variable i come from the task gradients
-        one by one (few tasks, not already stacked) rather than from a stacked copy."""
-        return (self.num_tasks <= DIRECT_MAX_TASKS and i not in self._given
-                and i not in self._stacked)
+        one by one (few tasks, not given stacked) rather than from a stacked copy."""
+        return self.num_tasks <= DIRECT_MAX_TASKS and i not in self._given
 
     def sum_over_replicas(self) -> None:
         """Under tf.distribute: replace each replica's per-task gradients of the shared

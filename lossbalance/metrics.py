@@ -1,14 +1,26 @@
-"""`TaskMeans`: K running means in one metric, logged as `<task><suffix>` entries.
+"""The running means `BalancedModel` logs, in as few graph operations per step as possible.
 
-`BalancedModel` logs each task's loss and weight. One metric per task and quantity costs a
-handful of graph operations each, per step; with many tasks that shows in the step time.
-One metric holding a K-vector costs the same as one `keras.metrics.Mean`.
+`BalancedModel` logs its objective and each task's loss and weight. In a training step of
+small operations each one costs executor time, and the loss-level strategies aim at the cost
+of plain Keras. `TaskMeans` keeps K means in one metric (one metric per task and quantity
+would cost a handful of operations each); both metrics here update their variables with one
+`AssignAddVariableOp` each, where Keras' `Mean` reads, adds and assigns.
 """
 
 from __future__ import annotations
 
 import keras
 import tensorflow as tf
+
+from lossbalance.variables import assign_add
+
+
+class ObjectiveMean(keras.metrics.Mean):
+    """The `loss` tracker: a `keras.metrics.Mean` of one scalar per step, weighted by the
+    step's batch size (`sample_weight`), in three operations (a multiply and two adds)."""
+
+    def update_state(self, values, sample_weight=None):
+        _add_weighted(self.total, self.count, values, sample_weight)
 
 
 class TaskMeans(keras.metrics.Metric):
@@ -30,11 +42,7 @@ class TaskMeans(keras.metrics.Metric):
                                        aggregation="sum")
 
     def update_state(self, values, sample_weight=None):
-        values = tf.cast(values, self.total.dtype)
-        weight = tf.constant(1.0, self.total.dtype) if sample_weight is None else \
-            tf.cast(sample_weight, self.total.dtype)
-        self.total.assign_add(values * weight)
-        self.count.assign_add(weight)
+        _add_weighted(self.total, self.count, values, sample_weight)
 
     def result(self):
         means = tf.unstack(tf.math.divide_no_nan(tf.convert_to_tensor(self.total),
@@ -48,3 +56,11 @@ class TaskMeans(keras.metrics.Metric):
     def get_config(self):
         return {**super().get_config(), "task_names": list(self.task_names),
                 "suffix": self.suffix}
+
+
+def _add_weighted(total, count, values, sample_weight=None):
+    """total += values * w, count += w, with w the sample weight (default 1)."""
+    weight = tf.constant(1.0, total.dtype) if sample_weight is None else \
+        tf.cast(sample_weight, total.dtype)
+    assign_add(total, tf.cast(values, total.dtype) * weight)
+    assign_add(count, weight)

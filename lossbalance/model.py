@@ -23,7 +23,7 @@ from lossbalance import replicas, strategies
 from lossbalance.gradients import TaskGradients, count_shared_parameters, task_gradients
 from lossbalance.guard import MODES as NONFINITE_MODES
 from lossbalance.guard import NonFiniteCallback, NonFiniteGuard, has_rows
-from lossbalance.metrics import TaskMeans
+from lossbalance.metrics import ObjectiveMean, TaskMeans
 from lossbalance.representation import RepresentationError, RepresentationForward
 from lossbalance.tasks import TaskLosses
 
@@ -266,6 +266,8 @@ class BalancedModel(keras.Model):
                     self._tracker.untrack(old)
             self.strategy = strategy
             strategy.__dict__["_lossbalance_model"] = weakref.ref(self)  # untracked
+            self._loss_tracker = ObjectiveMean(name="loss")  # Keras lists it first, by name
+            self._tracker.untrack(self._loss_tracker)  # as Keras' own: not in `_metrics`
             self._task_loss_tracker = TaskMeans(task_losses.names, "_loss")
             self._task_weight_tracker = TaskMeans(task_losses.names, "_weight")
             self._skipped_steps_tracker = guard.skipped_steps

@@ -93,12 +93,40 @@ def test_history_logs_per_task_losses_and_weights(two_head_data):
                 "val_loss", "val_cls_loss", "val_reg_loss", "val_cls_accuracy"):
         assert key in logs and len(logs[key]) == 2, key
     assert "val_cls_weight" not in logs
+    # lossbalance's own `loss` tracker takes Keras' place: listed once, first.
+    assert [m.name for m in model.metrics].count("loss") == 1
+    assert model.metrics[0] is model._loss_tracker and model.metrics_names[0] == "loss"
     # <task>_loss is the unweighted loss: evaluate's per-task values agree with Keras' own.
     results = model.evaluate(x, y, verbose=0, return_dict=True)
     out = model.predict(x, verbose=0)
     expected_reg = float(np.mean((out["reg"] - y["reg"]) ** 2))
     assert results["reg_loss"] == pytest.approx(expected_reg, rel=1e-5)
     assert results["loss"] == pytest.approx(results["cls_loss"] + 2.0 * expected_reg, rel=1e-5)
+
+
+def test_trackers_are_row_weighted_means_updated_in_single_ops():
+    """The `loss` and per-task trackers: means weighted by each step's rows, whose
+    variables are updated by one AssignAddVariableOp each (no read-add-assign)."""
+    from lossbalance.metrics import ObjectiveMean, TaskMeans
+
+    values = [(2.0, [1.0, 4.0], 16.0), (5.0, [3.0, 0.0], 16.0), (1.0, [2.0, 2.0], 4.0)]
+    objective, tasks = ObjectiveMean(name="loss"), TaskMeans(["a", "b"], "_loss")
+    for value, per_task, rows in values:
+        objective.update_state(tf.constant(value), sample_weight=tf.constant(rows))
+        tasks.update_state(tf.constant(per_task), sample_weight=tf.constant(rows))
+    rows = np.array([r for _, _, r in values])
+    np.testing.assert_allclose(float(objective.result()),
+                               np.average([v for v, _, _ in values], weights=rows), rtol=1e-6)
+    expected = np.average([t for _, t, _ in values], axis=0, weights=rows)
+    np.testing.assert_allclose([float(v) for v in tasks.result().values()], expected,
+                               rtol=1e-6)
+    assert list(tasks.result()) == ["a_loss", "b_loss"]
+
+    for metric, value in ((objective, tf.constant(1.0)), (tasks, tf.constant([1.0, 2.0]))):
+        graph = tf.function(metric.update_state).get_concrete_function(
+            value, tf.constant(8.0)).graph
+        kinds = [op.type for op in graph.get_operations()]
+        assert kinds.count("AssignAddVariableOp") == 2 and "AssignVariableOp" not in kinds
 
 
 def test_subclassed_balanced_model_trains(two_head_data):

@@ -17,22 +17,6 @@ import tensorflow as tf
 from lossbalance.replicas import num_replicas, replica_share, sum_over_replicas
 
 
-def assign_add(variable, value) -> None:
-    """`variable += value` as one `AssignAddVariableOp`.
-
-    Keras' `Variable.assign_add` reads the variable, adds and assigns (three ops, and the
-    assign's value is read back by TensorFlow): in a training step of small ops each one
-    costs executor time. The result is the same; under `tf.distribute` the underlying
-    variable applies its aggregation as Keras' `assign` does. In a Keras stateless scope
-    (where `variable.value` is not a `tf.Variable`) it falls back to Keras' method.
-    """
-    target = variable.value
-    if isinstance(target, tf.Variable):
-        target.assign_add(tf.cast(value, target.dtype), read_value=False)
-    else:
-        variable.assign_add(value)
-
-
 def per_step(owner, key: str, losses: tf.Tensor, compute):
     """`compute()`, evaluated once per traced training step for one `losses` tensor.
 

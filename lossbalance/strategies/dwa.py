@@ -1,11 +1,13 @@
 """Dynamic Weight Average (Liu, Johns & Davison, 2019)."""
 
+import numpy as np
 import tensorflow as tf
 
 from lossbalance.replicas import num_replicas
-from lossbalance.strategies._loss_utils import assign_add, global_losses
+from lossbalance.strategies._loss_utils import global_losses
 from lossbalance.strategies.base import LossWeighting, check_number
 from lossbalance.strategies.registry import register
+from lossbalance.variables import assign_add
 
 
 @register("dwa")
@@ -26,9 +28,10 @@ class DynamicWeightAverage(LossWeighting):
 
     How it keeps its history: every training step adds its task losses to per-epoch sums held
     in non-trainable variables; `BalancedModel.fit` calls `on_epoch_end`, which turns the sums
-    into the epoch's averages and rolls the two-epoch history. All of it is saved with the
-    model, so a resumed run continues with the same weights. In a custom training loop, call
-    `loss_weights` once per step and `strategy.on_epoch_end(epoch)` after every epoch.
+    into the epoch's averages, rolls the two-epoch history and sets the next epoch's weights
+    (a step only reads them). All of it is saved with the model, so a resumed run continues
+    with the same weights. In a custom training loop, call `loss_weights` once per step and
+    `strategy.on_epoch_end(epoch)` after every epoch.
     Under `tf.distribute`, the losses recorded are those of the global batch.
 
     Implementations differ: the authors' code (MTAN) and LibMTL use the average of the
@@ -63,37 +66,44 @@ class DynamicWeightAverage(LossWeighting):
         self.loss_history = state("loss_history", (2, num_tasks))
         #: Number of completed epochs recorded in the history (stops counting at 2).
         self.epochs_recorded = state("epochs_recorded", ())
-
-    def current_weights(self, dtype=tf.float32):
-        """The weights the next step will use, from the history alone."""
-        # One unstack (rows t-2 and t-1) rather than two slices: one op fewer per step.
-        older, last = tf.unstack(tf.cast(tf.convert_to_tensor(self.loss_history), dtype))
-        ratios = tf.math.divide_no_nan(last, older)
-        weights = self.num_tasks * tf.nn.softmax(ratios / self.temperature)
-        ready = tf.convert_to_tensor(self.epochs_recorded) >= 2.0
-        return tf.where(ready, weights, tf.ones_like(weights))
+        #: The weights of the current epoch: 1 until two epochs are recorded, then set
+        #: from the history by `on_epoch_end` (they are constant within an epoch).
+        self.epoch_weights = self.add_weight(shape=(num_tasks,), name="epoch_weights",
+                                             initializer="ones", trainable=False,
+                                             aggregation="only_first_replica")
 
     def loss_weights(self, losses):
         """The weights of this epoch; also records the step's losses (call once a step)."""
         recorded = global_losses(losses)
         assign_add(self.epoch_loss_sum, recorded)
         assign_add(self.epoch_steps, 1.0)
-        if num_replicas() == 1:  # the weights need not wait for the losses
-            return tf.stop_gradient(self.current_weights(losses.dtype))
-        # Under tf.distribute the gradients' all-reduce must follow the losses' one on
-        # every replica: the weights (hence the gradients) wait for it.
-        with tf.control_dependencies([recorded]):
-            return tf.stop_gradient(self.current_weights(losses.dtype))
+        weights = tf.convert_to_tensor(self.epoch_weights)
+        if num_replicas() > 1:
+            # Under tf.distribute the gradients' all-reduce must follow the losses' one on
+            # every replica: the weights (hence the gradients) wait for it.
+            with tf.control_dependencies([recorded]):
+                weights = tf.identity(weights)
+        return tf.stop_gradient(tf.cast(weights, losses.dtype))
 
     def on_epoch_end(self, epoch):
         steps = float(self.epoch_steps.numpy())
         if steps > 0:  # an epoch without training steps leaves the history as it was
             average = self.epoch_loss_sum.numpy() / steps
-            history = self.loss_history.numpy()
-            self.loss_history.assign([history[1], average])
-            self.epochs_recorded.assign(min(float(self.epochs_recorded.numpy()) + 1.0, 2.0))
+            older, last = self.loss_history.numpy()[1], average
+            self.loss_history.assign([older, last])
+            recorded = min(float(self.epochs_recorded.numpy()) + 1.0, 2.0)
+            self.epochs_recorded.assign(recorded)
+            if recorded == 2.0:
+                self.epoch_weights.assign(self._weights_from_history(older, last))
         self.epoch_loss_sum.assign(tf.zeros_like(self.epoch_loss_sum))
         self.epoch_steps.assign(0.0)
+
+    def _weights_from_history(self, older, last):
+        """K softmax(r / T), r = last / older (0 where older is 0), in float64."""
+        older, last = np.asarray(older, np.float64), np.asarray(last, np.float64)
+        ratios = np.divide(last, older, out=np.zeros_like(last), where=older != 0)
+        exps = np.exp((ratios - ratios.max()) / self.temperature)
+        return self.num_tasks * exps / exps.sum()
 
     def get_config(self):
         return {**super().get_config(), "temperature": self.temperature}

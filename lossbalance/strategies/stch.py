@@ -2,10 +2,10 @@
 
 import tensorflow as tf
 
-from lossbalance.strategies._loss_utils import (assign_add, global_losses, per_step,
-                                                surrogate_offset)
+from lossbalance.strategies._loss_utils import global_losses, per_step, surrogate_offset
 from lossbalance.strategies.base import LossWeighting, check_number
 from lossbalance.strategies.registry import register
+from lossbalance.variables import assign_add
 
 
 @register("stch", aliases=("smooth_tchebycheff",))
@@ -80,65 +80,72 @@ class SmoothTchebycheff(LossWeighting):
 
         #: Completed epochs.
         self.epochs_done = state("epochs_done", ())
-        #: Sum of the losses and number of steps in the recording epoch.
+        #: Sum of the losses and number of steps in the current epoch.
         self.nadir_sum = state("nadir_sum", (num_tasks,))
         self.nadir_steps = state("nadir_steps", ())
         #: n_k, the losses' normaliser (1 until recorded).
         self.nadir = state("nadir", (num_tasks,), "ones")
 
     def _weights_and_value(self, losses):
-        """(weights, value, global losses, completed epochs), computed once per step (see
-        `per_step`)."""
+        """(weights, value, global losses), computed once per step (see `per_step`)."""
         return per_step(self, "weights", losses, lambda: self._compute(losses))
 
     def _compute(self, losses):
         total = tf.cast(global_losses(losses, owner=self), tf.float32)
         positive = tf.maximum(total, self.epsilon)
-        nadir = tf.convert_to_tensor(self.nadir)
         k = float(self.num_tasks)
-
-        warmup_weights = 1.0 / positive
-        warmup_value = tf.reduce_sum(tf.math.log(positive))
-
+        log_positive = tf.math.log(positive)
         if self.log_losses:
-            scaled = tf.math.log(positive / nadir)
+            # l_k = log L_k - log n_k: log L_k also gives the warm-up value, and
+            # log n_k does not wait for this step's losses.
+            scaled = log_positive - tf.math.log(tf.convert_to_tensor(self.nadir)) \
+                if self.normalize else log_positive
             slope = 1.0 / positive
         else:
-            scaled = total / nadir
-            slope = 1.0 / nadir
-        share = tf.nn.softmax(scaled / self.mu)
-        stch_weights = k * share * slope
-        stch_value = k * self.mu * tf.reduce_logsumexp(scaled / self.mu)
+            scaled = total / tf.convert_to_tensor(self.nadir)
+            slope = 1.0 / tf.convert_to_tensor(self.nadir)
+        tempered = scaled if self.mu == 1.0 else scaled / self.mu
+        # The softmax and log-sum-exp of `tempered` share one maximum and one sum.
+        largest = tf.reduce_max(tempered)
+        exps = tf.exp(tempered - largest)
+        sum_exps = tf.reduce_sum(exps)
+        share = exps / sum_exps
+        log_sum_exp = largest + tf.math.log(sum_exps)
 
-        done = tf.convert_to_tensor(self.epochs_done)  # read once, for both methods
-        warm = done < float(self.stch_start_epoch)
-        weights = tf.where(warm, warmup_weights, stch_weights)
-        value = tf.where(warm, warmup_value, stch_value)
-        return weights, value, total, done
+        # 0 in warm-up, 1 once STCH is on. The weights lie on the path from the losses to
+        # the backward pass, so they blend with cheap element-wise ops: TensorFlow's
+        # executor measures `tf.where` as expensive and hands it to its thread pool. Both
+        # terms are finite, so the blend is exact.
+        on = tf.clip_by_value(
+            tf.convert_to_tensor(self.epochs_done) - (self.stch_start_epoch - 1.0), 0.0, 1.0)
+        weights = (1.0 - on) / positive + on * (k * share * slope)
+        value = (1.0 - on) * tf.reduce_sum(log_positive) + on * (k * self.mu * log_sum_exp)
+        return weights, value, total
 
     def loss_weights(self, losses):
-        """This step's weights; in the recording epoch also records the losses."""
-        weights, _, total, done = self._weights_and_value(losses)
-        if self.normalize:
-            recording = tf.equal(done, float(self.warmup_epochs))
-            assign_add(self.nadir_sum, tf.where(recording, total, tf.zeros_like(total)))
-            assign_add(self.nadir_steps, tf.where(recording, 1.0, 0.0))
+        """This step's weights; adds the losses to the epoch's sums for the nadir."""
+        weights, _, total = self._weights_and_value(losses)
+        if self.normalize:  # every epoch; `on_epoch_end` uses the recording epoch's sums
+            assign_add(self.nadir_sum, total)
+            assign_add(self.nadir_steps, 1.0)
         return tf.stop_gradient(tf.cast(weights, losses.dtype))
 
     def extra_loss(self, losses):
-        weights, value, total, _ = self._weights_and_value(losses)
+        weights, value, total = self._weights_and_value(losses)
         return tf.cast(surrogate_offset(value, weights, total), losses.dtype)
 
     def on_epoch_end(self, epoch):
         done = int(self.epochs_done.numpy())
         if self.normalize and done == self.warmup_epochs:
             steps = float(self.nadir_steps.numpy())
-            if steps > 0:
-                average = self.nadir_sum.numpy() / steps
-                # A task whose loss averaged 0 keeps n_k = 1 rather than dividing by zero.
-                self.nadir.assign(tf.where(average > 0, average, 1.0))
-            else:  # an empty recording epoch: record during the next one instead
+            if steps == 0:  # an empty recording epoch: record during the next one instead
                 return
+            average = self.nadir_sum.numpy() / steps
+            # A task whose loss averaged 0 keeps n_k = 1 rather than dividing by zero.
+            self.nadir.assign(tf.where(average > 0, average, 1.0))
+        if self.normalize:
+            self.nadir_sum.assign(tf.zeros_like(self.nadir_sum))
+            self.nadir_steps.assign(0.0)
         self.epochs_done.assign(float(done + 1))
 
     def get_config(self):

@@ -870,8 +870,9 @@ class BalancedModel(keras.Model):
         super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def fit(self, *args, callbacks=None, **kwargs):
-        callbacks = list(callbacks or [])
-        callbacks.append(_StrategyEpochHook())
+        # The strategy's end-of-epoch update comes first, so that callbacks which save the
+        # model at the epoch's end (BackupAndRestore, ModelCheckpoint) save its result.
+        callbacks = [_StrategyEpochHook(), *(callbacks or [])]
         if self._guard is not None and self._guard.mode == "raise":
             callbacks.append(NonFiniteCallback(self._guard))
         return super().fit(*args, callbacks=callbacks, **kwargs)

@@ -59,3 +59,17 @@ def test_keras_backup_replays_the_epoch_which_ours_avoids(two_head_data, tmp_pat
     resumed = _train(two_head_data, "fixed",
                      [keras.callbacks.BackupAndRestore(tmp_path, save_freq=1)])
     assert int(resumed.optimizer.iterations) == 14  # 2 batches trained twice
+
+
+@pytest.mark.parametrize("strategy", [{"name": "stch", "warmup_epochs": 1}, "dwa"])
+def test_epoch_backup_holds_the_strategys_end_of_epoch_update(two_head_data, strategy,
+                                                              tmp_path):
+    """A backup saved at an epoch's end (the default `save_freq`) holds the state the
+    strategy has after that epoch (STCH's epoch count and nadir, DWA's loss history), so a
+    run resumed from it ends where an uninterrupted one does."""
+    uninterrupted = _train(two_head_data, strategy)
+    with pytest.raises(KeyboardInterrupt):  # in the second epoch, after the first's backup
+        _train(two_head_data, strategy, [BackupAndRestore(tmp_path), _Interrupt(6)])
+    resumed = _train(two_head_data, strategy, [BackupAndRestore(tmp_path)], seed=99)
+    for a, b in zip(_everything(uninterrupted), _everything(resumed)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)

@@ -145,6 +145,9 @@ def benchmark(args, num_tasks):
                .batch(args.batch_size, drop_remainder=True).prefetch(4))
     models = make_models(args, num_tasks)
     iterators = timing.warm_up(models, dataset, args.warmup)
+    # Counted before the timed rounds: see `timing.executed_kernels`.
+    kernels = ({name: timing.executed_kernels(model, iterators[name])
+                for name, model in models.items()} if args.kernels else None)
     per_step, per_round = timing.interleaved(models, iterators, args.rounds, args.steps,
                                              args.clock)
     timing.check_finite(models, dataset)
@@ -153,8 +156,6 @@ def benchmark(args, num_tasks):
     # name -> (timing.Summary against keras, ratio of medians to fixed)
     table = {name: (row, None if fixed is None else row.ms / fixed.ms)
              for name, row in rows.items()}
-    kernels = ({name: timing.executed_kernels(model, iterators[name])
-                for name, model in models.items()} if args.kernels else None)
     costs = own_costs(args.strategies, num_tasks, args.clock) if args.own_cost else None
     return table, kernels, costs
 

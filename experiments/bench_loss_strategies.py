@@ -15,7 +15,10 @@ step time over all rounds, its ratio to plain Keras's median with a 95% bootstra
 separates a strategy's own cost from the cost of `BalancedModel`'s training step. A target
 is reported met or over only when the whole interval lies on one side of it; otherwise the
 run could not tell, and more rounds (`--rounds`, with few `--steps` each) narrow the
-interval.
+interval. A process lays out and traces its models once, and that alone moves a ratio by
+a few percent from one process to the next, more than the interval says: `--processes N`
+runs the whole measurement in N fresh processes, one after another, and reports the
+median ratio with the range over the processes as its interval.
 
 Target: every loss-level strategy within 1.05x of plain Keras, FAMO (one extra forward pass
 per step) within 1.4x.
@@ -32,8 +35,11 @@ Grappler's rewrites), against `fixed`.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -160,6 +166,40 @@ def benchmark(args, num_tasks):
     return table, kernels, costs
 
 
+def in_processes(args):
+    """The benchmark run `args.processes` times, each in a fresh process, combined: per K,
+    name -> (Summary over the processes, median ratio to `fixed`); the kernel counts and
+    own costs, when asked for, come from the first process."""
+    runs = []
+    for index in range(args.processes):
+        print(f"process {index + 1} of {args.processes}", file=sys.stderr, flush=True)
+        command = [sys.executable, str(Path(__file__).resolve()),
+                   "--tasks", *map(str, args.tasks), "--strategies", *args.strategies,
+                   "--rounds", str(args.rounds), "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--clock", args.clock,
+                   "--threads", str(args.threads), "--batch-size", str(args.batch_size),
+                   "--inputs", str(args.inputs), "--hidden", str(args.hidden),
+                   "--seed", str(args.seed)]
+        if index == 0:
+            command += ["--kernels"] * args.kernels + ["--own-cost"] * args.own_cost
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "results.json")
+            subprocess.run(command + ["--results-to", path], check=True,
+                           stdout=subprocess.DEVNULL)
+            with open(path) as handle:
+                runs.append(json.load(handle))
+    results, extras = {}, {}
+    for k in args.tasks:
+        tables = [run["results"][str(k)] for run in runs]
+        results[k] = {
+            name: (timing.across_processes([timing.Summary(*t[name][0]) for t in tables]),
+                   None if tables[0][name][1] is None else
+                   float(np.median([t[name][1] for t in tables])))
+            for name in tables[0]}
+        extras[k] = tuple(runs[0]["extras"][str(k)])
+    return results, extras
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 16],
@@ -174,29 +214,46 @@ def main(argv=None):
                         help="also time each strategy's own ops alone (microseconds/step)")
     parser.add_argument("--kernels", action="store_true",
                         help="also count the kernels each compiled step runs (profiler)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="measure in this many fresh processes, one after another, and "
+                             "report the median ratio and its range over them")
+    parser.add_argument("--results-to", help=argparse.SUPPRESS)  # a child process's output
     args = parser.parse_args(argv)
-    timing.apply_threads(args.threads)
+    if args.processes < 1:
+        parser.error("--processes must be at least 1")
     for name in args.strategies:
         strategy = lossbalance.strategies.get(name)
         if strategy.family != "loss":
             parser.error(f"{name!r} is not a loss-level strategy")
 
-    results, extras = {}, {}
-    for num_tasks in args.tasks:
-        print(f"K={num_tasks}: {args.rounds} rounds x {args.steps} steps per configuration "
-              "...", file=sys.stderr, flush=True)
-        table, kernels, costs = benchmark(args, num_tasks)
-        results[num_tasks], extras[num_tasks] = table, (kernels, costs)
+    if args.processes > 1:
+        results, extras = in_processes(args)
+    else:
+        timing.apply_threads(args.threads)
+        results, extras = {}, {}
+        for num_tasks in args.tasks:
+            print(f"K={num_tasks}: {args.rounds} rounds x {args.steps} steps per "
+                  "configuration ...", file=sys.stderr, flush=True)
+            table, kernels, costs = benchmark(args, num_tasks)
+            results[num_tasks], extras[num_tasks] = table, (kernels, costs)
+        if args.results_to:
+            with open(args.results_to, "w") as handle:
+                json.dump({"results": {k: {name: [list(row), to_fixed] for name, (row, to_fixed)
+                                           in table.items()} for k, table in results.items()},
+                           "extras": extras}, handle)
+            return 0
 
+    interval, bracket = (("[95% bootstrap interval]", "95%") if args.processes == 1 else
+                         (f"median over {args.processes} processes [their range]", "range"))
     device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
     print(f"\nMedian step {args.clock} time and ratio to plain Keras ({device}, "
           f"{os.cpu_count()} cores, {args.threads or 'default'} TF threads; "
           f"batch {args.batch_size}, trunk {args.inputs}-{args.hidden}-{args.hidden}; "
-          f"{args.rounds} rounds x {args.steps} steps; [95% bootstrap interval] of the "
-          "ratio; a target is met or over only when the whole interval is on one side, "
-          "else unresolved: run more rounds)\n")
+          f"{args.rounds} rounds x {args.steps} steps; {interval} of the ratio; a target "
+          "is met or over only when the whole interval is on one side, else unresolved: "
+          "run more rounds or processes)\n")
     header = "| strategy | target |" + "".join(
-        f" K={k} ms | K={k} / keras [95%] | K={k} / fixed |" for k in args.tasks)
+        f" K={k} ms | K={k} / keras [{bracket}] | K={k} / fixed |" for k in args.tasks)
     print(header)
     print("|---|---|" + "---|---|---|" * len(args.tasks))
     verdicts = {"over": [], "unresolved": []}

@@ -107,6 +107,18 @@ def summarise(per_step, per_round, baseline="keras", resamples=2000, seed=0):
     return rows
 
 
+def across_processes(summaries):
+    """One Summary from the same configuration measured in several fresh processes: the
+    medians of their step times, ratios and quartiles, and as the interval the range of
+    their ratios. Each process builds, lays out and traces its models afresh, which moves a
+    ratio between processes by more than one process's bootstrap interval."""
+    ratios = [s.ratio for s in summaries]
+    return Summary(statistics.median(s.ms for s in summaries), statistics.median(ratios),
+                   statistics.median(s.quartile_low for s in summaries),
+                   statistics.median(s.quartile_high for s in summaries),
+                   min(ratios), max(ratios))
+
+
 def executed_kernels(model, iterator, steps=10):
     """{op type: kernels run per step} of the compiled train function, from TensorFlow's
     profiler: the ops that really execute, after Grappler's rewrites (constant folding,

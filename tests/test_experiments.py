@@ -420,3 +420,33 @@ def test_loss_benchmark_prints_its_table(capsys):
     rows = {line.split("|")[1].strip(): line for line in out.splitlines()
             if line.startswith("| ")}
     assert {"plain keras.Model", "`fixed`", "`famo`"} <= set(rows)
+
+
+def test_loss_benchmark_combines_fresh_processes(monkeypatch):
+    """`--processes N`: each child process writes its table; the parent reports the median
+    ratio over them with their range as the interval, and the median ratio to `fixed`."""
+    from experiments import bench_loss_strategies as bench
+    from experiments import timing
+
+    ratios = iter([1.02, 1.08, 1.04])  # stch's ratio in each of three processes
+
+    def child(command, **kwargs):
+        path = command[command.index("--results-to") + 1]
+        stch = next(ratios)
+        table = {"keras": [[5.0, 1.0, 1.0, 1.0, 1.0, 1.0], None],
+                 "fixed": [[5.1, 1.02, 1.0, 1.04, 1.0, 1.04], 1.0],
+                 "stch": [[5.0 * stch, stch, stch, stch, stch, stch], stch / 1.02]}
+        with open(path, "w") as handle:
+            json.dump({"results": {"2": table}, "extras": {"2": [None, None]}}, handle)
+
+    monkeypatch.setattr(bench.subprocess, "run", child)
+    args = bench.argparse.Namespace(
+        processes=3, tasks=[2], strategies=["fixed", "stch"], rounds=1, steps=1, warmup=1,
+        clock="wall", threads=0, batch_size=8, inputs=4, hidden=4, seed=0, kernels=False,
+        own_cost=False)
+    results, _ = bench.in_processes(args)
+    row, to_fixed = results[2]["stch"]
+    assert (row.ratio, row.ci_low, row.ci_high) == (1.04, 1.02, 1.08)
+    assert row.ms == pytest.approx(5.2) and to_fixed == pytest.approx(1.04 / 1.02)
+    assert row.verdict(1.05) == "unresolved" and row.verdict(1.1) == "met"
+    assert timing.across_processes([row]).ratio == row.ratio

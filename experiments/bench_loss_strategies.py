@@ -18,7 +18,9 @@ run could not tell, and more rounds (`--rounds`, with few `--steps` each) narrow
 interval. A process lays out and traces its models once, and that alone moves a ratio by
 a few percent from one process to the next, more than the interval says: `--processes N`
 runs the whole measurement in N fresh processes, one after another, and reports the
-median ratio with the range over the processes as its interval.
+median ratio with the range over the processes as its interval. The order in which a
+process builds its models matters too (a model built later steps a few percent slower
+here), so each process rotates it.
 
 Target: every loss-level strategy within 1.05x of plain Keras, FAMO (one extra forward pass
 per step) within 1.4x.
@@ -91,16 +93,20 @@ def build(cls, num_tasks, inputs, hidden, seed):
     return cls(x, outputs)
 
 
-def make_models(args, num_tasks):
+def make_models(args, num_tasks, rotation=0):
+    """Plain Keras and one BalancedModel per strategy, built in the order
+    ["keras", *strategies] rotated by `rotation` places: a model's place in the build order
+    moves its step time by a few percent (the later, the slower here), so `--processes`
+    rotates it from one process to the next."""
+    names = ["keras", *args.strategies]
+    shift = rotation % len(names)
     models = {}
-    plain = build(keras.Model, num_tasks, args.inputs, args.hidden, args.seed)
-    plain.compile(optimizer=keras.optimizers.Adam(1e-3), loss=losses_for(num_tasks))
-    models["keras"] = plain
-    for name in args.strategies:
-        model = build(lossbalance.BalancedModel, num_tasks, args.inputs, args.hidden,
-                      args.seed)
+    for name in names[shift:] + names[:shift]:
+        model_class = keras.Model if name == "keras" else lossbalance.BalancedModel
+        model = build(model_class, num_tasks, args.inputs, args.hidden, args.seed)
+        strategy = {} if name == "keras" else {"strategy": name}
         model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=losses_for(num_tasks),
-                      strategy=name)
+                      **strategy)
         models[name] = model
     return models
 
@@ -149,7 +155,7 @@ def benchmark(args, num_tasks):
     x, y = make_data(num_tasks, args.batch_size * 8, args.inputs, args.seed)
     dataset = (tf.data.Dataset.from_tensor_slices((x, y)).repeat()
                .batch(args.batch_size, drop_remainder=True).prefetch(4))
-    models = make_models(args, num_tasks)
+    models = make_models(args, num_tasks, args.build_rotation)
     iterators = timing.warm_up(models, dataset, args.warmup)
     # Counted before the timed rounds: see `timing.executed_kernels`.
     kernels = ({name: timing.executed_kernels(model, iterators[name])
@@ -167,10 +173,12 @@ def benchmark(args, num_tasks):
 
 
 def in_processes(args):
-    """The benchmark run `args.processes` times, each in a fresh process, combined: per K,
-    name -> (Summary over the processes, median ratio to `fixed`); the kernel counts and
-    own costs, when asked for, come from the first process."""
+    """The benchmark run `args.processes` times, each in a fresh process that builds its
+    models in a rotated order, combined: per K, name -> (Summary over the processes, median
+    ratio to `fixed`); the kernel counts and own costs, when asked for, come from the first
+    process."""
     runs = []
+    configurations = 1 + len(args.strategies)  # plain Keras and each strategy
     for index in range(args.processes):
         print(f"process {index + 1} of {args.processes}", file=sys.stderr, flush=True)
         command = [sys.executable, str(Path(__file__).resolve()),
@@ -179,7 +187,8 @@ def in_processes(args):
                    "--warmup", str(args.warmup), "--clock", args.clock,
                    "--threads", str(args.threads), "--batch-size", str(args.batch_size),
                    "--inputs", str(args.inputs), "--hidden", str(args.hidden),
-                   "--seed", str(args.seed)]
+                   "--seed", str(args.seed),
+                   "--build-rotation", str(round(index * configurations / args.processes))]
         if index == 0:
             command += ["--kernels"] * args.kernels + ["--own-cost"] * args.own_cost
         with tempfile.TemporaryDirectory() as folder:
@@ -218,6 +227,7 @@ def main(argv=None):
                         help="measure in this many fresh processes, one after another, and "
                              "report the median ratio and its range over them")
     parser.add_argument("--results-to", help=argparse.SUPPRESS)  # a child process's output
+    parser.add_argument("--build-rotation", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.processes < 1:
         parser.error("--processes must be at least 1")

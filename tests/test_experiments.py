@@ -430,8 +430,11 @@ def test_loss_benchmark_combines_fresh_processes(monkeypatch):
 
     ratios = iter([1.02, 1.08, 1.04])  # stch's ratio in each of three processes
 
+    rotations = []
+
     def child(command, **kwargs):
         path = command[command.index("--results-to") + 1]
+        rotations.append(int(command[command.index("--build-rotation") + 1]))
         stch = next(ratios)
         table = {"keras": [[5.0, 1.0, 1.0, 1.0, 1.0, 1.0], None],
                  "fixed": [[5.1, 1.02, 1.0, 1.04, 1.0, 1.04], 1.0],
@@ -450,3 +453,9 @@ def test_loss_benchmark_combines_fresh_processes(monkeypatch):
     assert row.ms == pytest.approx(5.2) and to_fixed == pytest.approx(1.04 / 1.02)
     assert row.verdict(1.05) == "unresolved" and row.verdict(1.1) == "met"
     assert timing.across_processes([row]).ratio == row.ratio
+    assert rotations == [0, 1, 2]  # 3 configurations over 3 processes: every build place
+    built = bench.make_models(bench.argparse.Namespace(
+        strategies=["fixed", "stch"], inputs=4, hidden=4, seed=0), 2, rotation=2)
+    assert list(built) == ["stch", "keras", "fixed"]
+    assert built["stch"].strategy.registry_name == "stch"
+    assert not isinstance(built["keras"], lossbalance.BalancedModel)

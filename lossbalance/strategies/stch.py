@@ -95,15 +95,15 @@ class SmoothTchebycheff(LossWeighting):
         positive = tf.maximum(total, self.epsilon)
         k = float(self.num_tasks)
         log_positive = tf.math.log(positive)
+        nadir = tf.convert_to_tensor(self.nadir)
         if self.log_losses:
             # l_k = log L_k - log n_k: log L_k also gives the warm-up value, and
             # log n_k does not wait for this step's losses.
-            scaled = log_positive - tf.math.log(tf.convert_to_tensor(self.nadir)) \
-                if self.normalize else log_positive
+            scaled = log_positive - tf.math.log(nadir) if self.normalize else log_positive
             slope = 1.0 / positive
         else:
-            scaled = total / tf.convert_to_tensor(self.nadir)
-            slope = 1.0 / tf.convert_to_tensor(self.nadir)
+            scaled = total / nadir
+            slope = 1.0 / nadir
         tempered = scaled if self.mu == 1.0 else scaled / self.mu
         # The softmax and log-sum-exp of `tempered` share one maximum and one sum.
         largest = tf.reduce_max(tempered)

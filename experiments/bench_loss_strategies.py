@@ -18,9 +18,11 @@ run could not tell, and more rounds (`--rounds`, with few `--steps` each) narrow
 interval. A process lays out and traces its models once, and that alone moves a ratio by
 a few percent from one process to the next, more than the interval says: `--processes N`
 runs the whole measurement in N fresh processes, one after another, and reports the
-median ratio with the range over the processes as its interval. The order in which a
-process builds its models matters too (a model built later steps a few percent slower
-here), so each process rotates it.
+median ratio over them with a distribution-free 95% interval of that median (order
+statistics of the processes' ratios; with fewer than six processes only their range, at
+lower confidence). The order in which a process builds its models matters too (a model
+built later steps a few percent slower here), so each process rotates it; with as many
+processes as configurations, every model is built once in every place.
 
 Target: every loss-level strategy within 1.05x of plain Keras, FAMO (one extra forward pass
 per step) within 1.4x.
@@ -225,7 +227,7 @@ def main(argv=None):
                         help="also count the kernels each compiled step runs (profiler)")
     parser.add_argument("--processes", type=int, default=1,
                         help="measure in this many fresh processes, one after another, and "
-                             "report the median ratio and its range over them")
+                             "report the median ratio with a 95%% interval of it")
     parser.add_argument("--results-to", help=argparse.SUPPRESS)  # a child process's output
     parser.add_argument("--build-rotation", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -253,8 +255,13 @@ def main(argv=None):
                            "extras": extras}, handle)
             return 0
 
-    interval, bracket = (("[95% bootstrap interval]", "95%") if args.processes == 1 else
-                         (f"median over {args.processes} processes [their range]", "range"))
+    if args.processes == 1:
+        interval, bracket = "[95% bootstrap interval]", "95%"
+    else:
+        coverage = timing.median_interval(range(args.processes))[2]
+        interval = (f"median over {args.processes} processes [{coverage:.0%} interval of "
+                    "that median, from the order statistics of their ratios]")
+        bracket = f"{coverage:.0%}"
     device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
     print(f"\nMedian step {args.clock} time and ratio to plain Keras ({device}, "
           f"{os.cpu_count()} cores, {args.threads or 'default'} TF threads; "

@@ -12,6 +12,7 @@ when the whole interval falls on one side).
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from typing import NamedTuple
@@ -107,16 +108,33 @@ def summarise(per_step, per_round, baseline="keras", resamples=2000, seed=0):
     return rows
 
 
+def median_interval(values, confidence=0.95):
+    """(low, high, coverage): a distribution-free confidence interval for the median of the
+    distribution that `values` were drawn from. It is the pair of order statistics
+    x_(j) <= x_(n+1-j) with the largest j whose coverage, 1 - 2 P(Binomial(n, 1/2) < j),
+    is at least `confidence`; when even the full range (j = 1, coverage 1 - 2^(1-n))
+    falls short, the full range with its lower coverage (87.5% for 4 values)."""
+    ordered = sorted(values)
+    n = len(ordered)
+
+    def coverage(j):
+        return 1 - 2 * sum(math.comb(n, i) for i in range(j)) / 2 ** n
+
+    j = max([1] + [j for j in range(1, n // 2 + 1) if coverage(j) >= confidence])
+    return ordered[j - 1], ordered[n - j], coverage(j)
+
+
 def across_processes(summaries):
     """One Summary from the same configuration measured in several fresh processes: the
-    medians of their step times, ratios and quartiles, and as the interval the range of
-    their ratios. Each process builds, lays out and traces its models afresh, which moves a
+    medians of their step times, ratios and quartiles, and as the interval the 95%
+    `median_interval` of their ratios (the range, at lower confidence, for fewer than six
+    processes). Each process builds, lays out and traces its models afresh, which moves a
     ratio between processes by more than one process's bootstrap interval."""
     ratios = [s.ratio for s in summaries]
+    low, high, _ = median_interval(ratios)
     return Summary(statistics.median(s.ms for s in summaries), statistics.median(ratios),
                    statistics.median(s.quartile_low for s in summaries),
-                   statistics.median(s.quartile_high for s in summaries),
-                   min(ratios), max(ratios))
+                   statistics.median(s.quartile_high for s in summaries), low, high)
 
 
 def executed_kernels(model, iterator, steps=10):

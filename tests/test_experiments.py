@@ -422,9 +422,30 @@ def test_loss_benchmark_prints_its_table(capsys):
     assert {"plain keras.Model", "`fixed`", "`famo`"} <= set(rows)
 
 
+@pytest.mark.parametrize("n", [1, 4, 5, 6, 9, 10, 17, 40])
+def test_median_interval_matches_binomial_coverage(n):
+    """The interval of a median over n processes: the innermost pair of order statistics
+    whose coverage, from scipy's binomial distribution, is at least 95% (else the range)."""
+    from scipy import stats
+
+    from experiments import timing
+
+    values = np.random.default_rng(n).normal(size=n)
+    low, high, coverage = timing.median_interval(values)
+    ordered = np.sort(values)
+    j = int(np.flatnonzero(ordered == low)[0]) + 1  # low is the j-th smallest
+    assert high == ordered[n - j]
+    assert coverage == pytest.approx(1 - 2 * stats.binom.cdf(j - 1, n, 0.5))
+    if coverage >= 0.95:  # the next pair inwards, if any, falls short
+        assert j == n // 2 or 1 - 2 * stats.binom.cdf(j, n, 0.5) < 0.95
+    else:  # not even the range reaches 95%
+        assert j == 1
+
+
 def test_loss_benchmark_combines_fresh_processes(monkeypatch):
     """`--processes N`: each child process writes its table; the parent reports the median
-    ratio over them with their range as the interval, and the median ratio to `fixed`."""
+    ratio over them with an interval of that median (for three processes, their range),
+    and the median ratio to `fixed`."""
     from experiments import bench_loss_strategies as bench
     from experiments import timing
 

@@ -879,10 +879,29 @@ class BalancedModel(keras.Model):
 
 
 class _StrategyEpochHook(keras.callbacks.Callback):
-    """Tells the strategy that an epoch ended (epoch-level methods such as DWA)."""
+    """Tells the strategy that an epoch ended (epoch-level methods such as DWA), and has it
+    check the logged task losses (`Strategy.check_losses`) after the first batch and after
+    every epoch."""
+
+    def on_train_begin(self, logs=None):
+        self._first_batch = True
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._first_batch:
+            self._first_batch = False
+            self._check_losses(logs, "after the first batch")
 
     def on_epoch_end(self, epoch, logs=None):
+        self._check_losses(logs, f"in epoch {epoch + 1}")
         self.model.strategy.on_epoch_end(epoch)
+
+    def _check_losses(self, logs, when):
+        """The strategy sees each task's loss times its `compile(loss_weights=...)`."""
+        task_losses = self.model._task_losses
+        means = {task: float(logs[f"{task}_loss"]) * weight
+                 for task, weight in zip(task_losses.names, task_losses.loss_weights)
+                 if f"{task}_loss" in (logs or {})}
+        self.model.strategy.check_losses(means, when)
 
 
 @keras.saving.register_keras_serializable(package="lossbalance")

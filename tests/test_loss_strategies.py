@@ -341,6 +341,61 @@ def test_every_strategy_trains_a_two_head_model(name, two_head_data):
         assert np.all(model.strategy.nadir.numpy() != 1.0)
 
 
+LOG_OR_LEARNED_SCALE = {"gls", "scale_invariant", "stch", "db_mtl", "uncertainty", "imtl_l",
+                        "imtl", "famo"}
+
+
+@pytest.mark.parametrize("name", strategies.available())
+def test_check_losses_holds_every_strategy_to_its_floor(name):
+    """Methods that take log L_k, or whose learned scales diverge for L_k < 0, reject a
+    negative mean loss with the task's name and a fix; the others accept any sign."""
+    strategy = bound(name)
+    strategy.check_losses({"a": 0.0, "b": 2.0}, "in epoch 1")  # a loss of 0 is in range
+    if name not in LOG_OR_LEARNED_SCALE:
+        assert strategy.loss_floors() is None
+        strategy.check_losses({"a": -3.0, "b": -1e9}, "in epoch 1")
+        return
+    with pytest.raises(ValueError, match=r"in epoch 2: 'b' averaged -0.25 < 0\. ") as error:
+        strategy.check_losses({"a": 1.0, "b": -0.25}, "in epoch 2")
+    assert ("min_losses" if name == "famo" else "'fixed', 'rlw'") in str(error.value)
+
+
+def test_famo_floor_is_its_min_losses():
+    strategy = bound("famo", min_losses={"b": -2.0})
+    strategy.check_losses({"a": 0.5, "b": -1.5}, "in epoch 1")
+    with pytest.raises(ValueError, match=r"'a' averaged -0.5 < 0, 'b' averaged -2.5 < -2"):
+        strategy.check_losses({"a": -0.5, "b": -2.5}, "in epoch 1")
+
+
+def constant_loss(y_true, y_pred):
+    """The batch mean of the targets: a loss whose sign the data sets (no gradient)."""
+    return keras.ops.mean(y_true + 0.0 * y_pred, axis=-1)
+
+
+@pytest.mark.parametrize("loss_weight, first_target, error", [
+    (1.0, -1.0, "after the first batch"),  # negative from the first batch: one step taken
+    (1.0, 1.0, "in epoch 1"),  # the first batch is positive, the epoch's mean is not
+    (0.5, -1.0, "after the first batch"),  # the weighted loss is what the strategy sees
+])
+def test_fit_stops_on_a_loss_below_the_strategys_floor(loss_weight, first_target, error,
+                                                       two_head_data):
+    x, y = two_head_data
+    y = {"cls": y["cls"], "reg": np.where(np.arange(64) < 16, first_target, -5.0)[:, None]}
+    model = make_trunk_model()
+    model.compile(optimizer="sgd", loss={"cls": TWO_HEAD_LOSS["cls"], "reg": constant_loss},
+                  loss_weights={"cls": 1.0, "reg": loss_weight}, strategy="scale_invariant")
+    mean = ((first_target - 15.0) / 4 if "epoch" in error else first_target) * loss_weight
+    with pytest.raises(ValueError, match=f"{error}: 'reg' averaged {mean:g} < 0"):
+        model.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False)
+    assert int(model.optimizer.iterations) == (4 if "epoch" in error else 1)
+
+    fixed = make_trunk_model()  # linear scalarisation takes losses of any sign
+    fixed.compile(optimizer="sgd", loss={"cls": TWO_HEAD_LOSS["cls"], "reg": constant_loss},
+                  strategy="fixed")
+    logs = fixed.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False).history
+    assert logs["reg_loss"][0] == pytest.approx((first_target - 15.0) / 4)
+
+
 def test_rlw_fit_is_repeatable(two_head_data):
     _, first = fit("rlw", two_head_data, epochs=2)
     _, again = fit("rlw", two_head_data, epochs=2)

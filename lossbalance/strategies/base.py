@@ -46,6 +46,11 @@ class Strategy(keras.layers.Layer):
     #: at 0 breaks the balance (a zero gradient makes MGDA's update zero, a log of 0 or a
     #: loss ratio 0 / 0 makes weights infinite or NaN).
     allows_zero_loss_weights: bool = False
+    #: The lowest task loss the method is defined for, or None for any. 0 for methods that
+    #: take the logarithm of a loss (a negative one is clamped, which gives the task a
+    #: weight of about 1 / epsilon) or whose objective is unbounded below for a negative
+    #: loss (learned loss scales). See `check_losses`.
+    loss_floor: float | None = None
 
     def __init__(self, name=None, **kwargs):
         unknown = sorted(set(kwargs) - _LAYER_ARGUMENTS)
@@ -135,6 +140,41 @@ class Strategy(keras.layers.Layer):
 
     def on_epoch_end(self, epoch: int) -> None:
         """Called eagerly by `BalancedModel.fit` after each epoch (e.g. DWA's history)."""
+
+    def loss_floors(self):
+        """The K per-task values of `loss_floor` (None if the method has none)."""
+        return None if self.loss_floor is None else [self.loss_floor] * self.num_tasks
+
+    def check_losses(self, mean_losses: Mapping[str, float], when: str) -> None:
+        """Raise a ValueError naming the task and the fix if a task's mean loss (as the
+        strategy sees it: after `compile(loss_weights=...)`) is below `loss_floors()`.
+
+        `BalancedModel.fit` calls it after the first batch and after every epoch, from the
+        logged means, so the check costs the training step nothing; a single negative batch
+        inside an epoch with a positive mean goes unnoticed. Non-finite means are left to
+        `compile(nonfinite=...)`.
+        """
+        floors = self.loss_floors()
+        if floors is None:
+            return
+        below = []
+        for task, floor in zip(self.task_names, floors):
+            mean = mean_losses.get(task)
+            if mean is not None and math.isfinite(mean) and mean < floor:
+                below.append(f"{task!r} averaged {mean:.4g} < {floor:g}")
+        if below:
+            listed = ", ".join(below)
+            raise ValueError(
+                f"Task loss(es) below what strategy {self.registry_name or self.name!r} "
+                f"is defined for, {when}: {listed}. {self.loss_floor_fix()}")
+
+    def loss_floor_fix(self) -> str:
+        """What the user can do about losses below `loss_floors()` (for `check_losses`)."""
+        return (
+            "This method needs every task's loss to be >= 0 (its docstring says why). Use a "
+            "non-negative loss for that task (e.g. a negative log-likelihood plus a constant "
+            "that bounds it below), or a strategy defined for losses of any sign, such as "
+            "'fixed', 'rlw' or a gradient-level one ('pcgrad', 'mgda', ...).")
 
     def get_config(self):
         config = super().get_config()

@@ -17,6 +17,10 @@ class DBMTL(ParameterStateAggregator):
         m_k <- g_k + beta_t (m_k - g_k),   beta_t = beta / t^beta_sigma  (m_k starts at 0),
         update = sum_k (max_j |m_j| / |m_k|) m_k.
 
+    Losses must be non-negative (a negative one would be clamped to 0, and its task get no
+    gradient): `fit` stops with an error naming the task when a
+    task's logged mean loss is negative (`Strategy.check_losses`).
+
     Defaults, the authors' code (LibMTL): beta=0.9, beta_sigma=0.5, eps=1e-8. With beta=0
     no moving average is kept (m_k = g_k) and the method needs no per-parameter state.
     The logged `<task>_loss` stays the raw loss; the objective logged as `loss` is the sum
@@ -33,6 +37,8 @@ class DBMTL(ParameterStateAggregator):
     Reference: B. Lin, W. Jiang, F. Ye, Y. Zhang, P. Chen, Y.-C. Chen, S. Liu, J. T. Kwok,
     "Dual-Balancing for Multi-Task Learning", arXiv:2308.12029, 2023.
     """
+
+    loss_floor = 0.0
 
     def __init__(self, beta=0.9, beta_sigma=0.5, eps=1e-8, **kwargs):
         super().__init__(**kwargs)

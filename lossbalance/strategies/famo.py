@@ -51,7 +51,8 @@ class FAMO(LossWeighting):
         learning_rate: step size of the logits' Adam, > 0 (also accepted as `lr`).
         gamma: decay of the logits, >= 0.
         min_losses: m_k, a lower bound of each task's loss: a number, a list in task order,
-            or a dict by task name (default 0 for every task).
+            or a dict by task name (default 0 for every task). `fit` stops with an error
+            when a task's logged mean loss falls below it.
         epsilon: the eps in D_k, > 0.
 
     Reference: B. Liu, Y. Feng, P. Stone, Q. Liu, "FAMO: Fast Adaptive Multitask
@@ -94,6 +95,14 @@ class FAMO(LossWeighting):
         self.adam_m = state("adam_m", (num_tasks,))
         self.adam_v = state("adam_v", (num_tasks,))
         self.adam_steps = state("adam_steps", ())
+
+    def loss_floors(self):
+        return self._min_losses.numpy().tolist()
+
+    def loss_floor_fix(self):
+        return ("FAMO balances log(L_k - min_losses_k): pass `min_losses` with a lower bound "
+                "of each such task's loss (a number, a list in task order, or a dict by "
+                "task name).")
 
     def _log_gap(self, global_loss_values):
         gap = tf.cast(global_loss_values, tf.float32) - self._min_losses

@@ -22,6 +22,8 @@ class _LogScalarisation(LossWeighting):
     Subclasses implement `scalarise(positive_losses) -> (weights, value of S)`.
     """
 
+    loss_floor = 0.0
+
     def __init__(self, epsilon=1e-20, **kwargs):
         super().__init__(**kwargs)
         self.epsilon = check_number("epsilon", epsilon, minimum=0.0, strict=True)
@@ -61,7 +63,8 @@ class GeometricLossStrategy(_LogScalarisation):
     is inversely proportional to its loss. The logged `loss` is the geometric mean.
 
     Defaults: none to tune. Losses are clamped below at `epsilon=1e-20` before the logarithm
-    (a loss of exactly 0 would otherwise give 0/0); losses must be non-negative. The method
+    (a loss of exactly 0 would otherwise give 0/0); losses must be non-negative (`fit`
+    stops with an error when a task's logged mean loss is negative). The method
     is the sum of log losses (`"scale_invariant"`) with its gradient multiplied by L / K.
 
     Implementations differ only numerically: LibMTL takes the K-th root of the product of
@@ -92,7 +95,7 @@ class ScaleInvariant(_LogScalarisation):
     task's gradient receives.
 
     Defaults: none to tune; losses are clamped below at `epsilon=1e-20` before the log, and
-    must be non-negative. Same direction as GLS (`"gls"`), which multiplies the gradient by
+    must be non-negative (`fit` checks, as for GLS). Same direction as GLS (`"gls"`), which multiplies the gradient by
     the geometric mean over K: SI's step shrinks less as the losses fall.
 
     Implementations differ only numerically: some add a small constant inside the log

@@ -57,7 +57,8 @@ class IMTL(LearnedLossScales, IMTLG):
     The shared parameters receive IMTL-G's combination of the scaled losses' gradients
     grad L'_k = e^s_k grad L_k; the scales s_k are trained by the model's optimizer on
     sum_k L'_k; head parameters receive grad L'_k of their task. This is the paper's hybrid
-    IMTL (its strongest variant).
+    IMTL (its strongest variant). Losses must be non-negative, as for IMTL-L (`fit` checks
+    the logged means).
 
     Implementations differ: the paper (and LibMTL) learn s on L'_k = e^s_k L_k - s_k as here;
     some ports clamp s or learn it with a separate optimizer. The logged `<task>_weight` is

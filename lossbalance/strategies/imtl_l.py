@@ -12,6 +12,8 @@ class LearnedLossScales:
     """Mixin: one trainable log-scale s_k per task, trained by the model's optimizer and
     saved with the model (IMTL-L, and the IMTL hybrid)."""
 
+    loss_floor = 0.0  # for L_k < 0, e^{s_k} L_k - s_k has no minimum
+
     def __init__(self, initial_log_scale=0.0, **kwargs):
         super().__init__(**kwargs)
         self.initial_log_scale = check_number("initial_log_scale", initial_log_scale)
@@ -41,7 +43,10 @@ class IMTLL(LearnedLossScales, LossWeighting):
     jointly over the model and s. For the model this is sum_k w_k L_k with w_k = e^{s_k};
     for s_k the gradient is e^{s_k} L_k - 1, zero where e^{s_k} L_k = 1: at its fixed point
     every scaled loss equals 1, whatever the scale of the raw losses, so no task dominates
-    for being measured in larger units. The logged `<task>_weight` is e^{s_k}.
+    for being measured in larger units. The logged `<task>_weight` is e^{s_k}. Losses must
+    be non-negative: for L_k < 0 the objective falls without bound as s_k grows;
+    `fit` stops with an error naming the task when a
+    task's logged mean loss is negative (`Strategy.check_losses`).
 
     Defaults: s_k starts at `initial_log_scale=0` (every weight 1). The scales are trained by
     the model's own optimizer, with the model's learning rate, as uncertainty weighting

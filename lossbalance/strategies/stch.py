@@ -35,7 +35,9 @@ class SmoothTchebycheff(LossWeighting):
     Defaults: `mu=1.0`, `warmup_epochs=4`, `normalize=True`, `log_losses=True`: the values
     and the multi-task form of the authors' code (their LibMTL-based STCH_MTL, with
     STCH_warmup_epoch=4: epochs 0..4 minimise the log losses, epoch 4 records the nadir).
-    Losses are clamped below at `epsilon=1e-20` before logarithms.
+    Losses are clamped below at `epsilon=1e-20` before logarithms and must be non-negative:
+    `fit` stops with an error naming the task when a
+    task's logged mean loss is negative (`Strategy.check_losses`).
 
     Implementations differ: the paper states the general form mu log sum exp(lambda_k
     (L_k - z*_k) / mu) with preferences lambda and an ideal point z*; the authors' multi-task
@@ -54,6 +56,8 @@ class SmoothTchebycheff(LossWeighting):
     Reference: X. Lin, X. Zhang, Z. Yang, F. Liu, Z. Wang, Q. Zhang, "Smooth Tchebycheff
     Scalarization for Multi-Objective Optimization", ICML 2024.
     """
+
+    loss_floor = 0.0
 
     def __init__(self, mu=1.0, warmup_epochs=4, normalize=True, log_losses=True,
                  epsilon=1e-20, **kwargs):

@@ -21,6 +21,9 @@ class UncertaintyWeighting(LossWeighting):
     summed over tasks. For a fixed loss the optimum is sigma_k^2 = L_k (regression form) or
     sigma_k^2 = 2 L_k (classification form), so the learned weight of a task falls as its
     loss grows. The weight logged as `<task>_weight` is (1/2) exp(-s_k) or exp(-s_k).
+    Losses must be non-negative: for L_k < 0 the objective falls without bound as s_k -> -inf
+    (the weight grows without bound); `fit` stops with an error naming the task when a
+    task's logged mean loss is negative (`Strategy.check_losses`).
 
     Default: the regression form for every task. It is the form derived from a Gaussian
     likelihood, the form most public implementations use for all tasks, and its optimum
@@ -40,6 +43,8 @@ class UncertaintyWeighting(LossWeighting):
     Reference: A. Kendall, Y. Gal, R. Cipolla, "Multi-Task Learning Using Uncertainty to
     Weigh Losses for Scene Geometry and Semantics", CVPR 2018.
     """
+
+    loss_floor = 0.0
 
     def __init__(self, forms="regression", initial_log_variance=0.0, **kwargs):
         super().__init__(**kwargs)

@@ -89,6 +89,17 @@ class SmoothTchebycheff(LossWeighting):
         self.nadir_steps = state("nadir_steps", ())
         #: n_k, the losses' normaliser (1 until recorded).
         self.nadir = state("nadir", (num_tasks,), "ones")
+        #: How the step blends the two objectives, set from `epochs_done` (`_set_phase`):
+        #: (1, 0) in warm-up, (0, K) once STCH is on. Kept as variables, the step reads
+        #: them rather than deriving them with a few more small ops.
+        self.warmup_factor = state("warmup_factor", ())
+        self.stch_factor = state("stch_factor", ())
+        self._set_phase(epochs_done=0)
+
+    def _set_phase(self, epochs_done):
+        on = epochs_done >= self.stch_start_epoch
+        self.warmup_factor.assign(0.0 if on else 1.0)
+        self.stch_factor.assign(float(self.num_tasks) if on else 0.0)
 
     def _weights_and_value(self, losses):
         """(weights, value, global losses), computed once per step (see `per_step`)."""
@@ -97,17 +108,15 @@ class SmoothTchebycheff(LossWeighting):
     def _compute(self, losses):
         total = tf.cast(global_losses(losses, owner=self), tf.float32)
         positive = tf.maximum(total, self.epsilon)
-        k = float(self.num_tasks)
         log_positive = tf.math.log(positive)
-        nadir = tf.convert_to_tensor(self.nadir)
         if self.log_losses:
             # l_k = log L_k - log n_k: log L_k also gives the warm-up value, and
             # log n_k does not wait for this step's losses.
-            scaled = log_positive - tf.math.log(nadir) if self.normalize else log_positive
-            slope = 1.0 / positive
+            scaled = (log_positive - tf.math.log(tf.convert_to_tensor(self.nadir))
+                      if self.normalize else log_positive)
         else:
-            scaled = total / nadir
-            slope = 1.0 / nadir
+            inverse_nadir = 1.0 / tf.convert_to_tensor(self.nadir)
+            scaled = total * inverse_nadir
         tempered = scaled if self.mu == 1.0 else scaled / self.mu
         # The softmax and log-sum-exp of `tempered` share one maximum and one sum.
         largest = tf.reduce_max(tempered)
@@ -116,14 +125,19 @@ class SmoothTchebycheff(LossWeighting):
         share = exps / sum_exps
         log_sum_exp = largest + tf.math.log(sum_exps)
 
-        # 0 in warm-up, 1 once STCH is on. The weights lie on the path from the losses to
-        # the backward pass, so they blend with cheap element-wise ops: TensorFlow's
-        # executor measures `tf.where` as expensive and hands it to its thread pool. Both
-        # terms are finite, so the blend is exact.
-        on = tf.clip_by_value(
-            tf.convert_to_tensor(self.epochs_done) - (self.stch_start_epoch - 1.0), 0.0, 1.0)
-        weights = (1.0 - on) / positive + on * (k * share * slope)
-        value = (1.0 - on) * tf.reduce_sum(log_positive) + on * (k * self.mu * log_sum_exp)
+        # Warm-up: w_k = 1 / L_k (the sum of log losses); STCH: K share_k dl_k/dL_k. The
+        # weights lie on the path from the losses to the backward pass, so the phases blend
+        # with element-wise ops (`tf.where` or `tf.cond` would cost more here, as TensorFlow's
+        # executor hands them to its thread pool); both terms are finite, so the blend is
+        # exact.
+        warmup = tf.convert_to_tensor(self.warmup_factor)
+        stch = tf.convert_to_tensor(self.stch_factor)
+        if self.log_losses:  # both phases' weights are a factor times 1 / L_k
+            weights = (warmup + stch * share) / positive
+        else:
+            weights = warmup / positive + stch * share * inverse_nadir
+        stch_value = log_sum_exp if self.mu == 1.0 else self.mu * log_sum_exp
+        value = warmup * tf.reduce_sum(log_positive) + stch * stch_value
         return weights, value, total
 
     def loss_weights(self, losses):
@@ -151,6 +165,7 @@ class SmoothTchebycheff(LossWeighting):
             self.nadir_sum.assign(tf.zeros_like(self.nadir_sum))
             self.nadir_steps.assign(0.0)
         self.epochs_done.assign(float(done + 1))
+        self._set_phase(done + 1)
 
     def get_config(self):
         return {**super().get_config(), "mu": self.mu, "warmup_epochs": self.warmup_epochs,

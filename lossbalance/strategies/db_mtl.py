@@ -18,8 +18,8 @@ class DBMTL(ParameterStateAggregator):
         update = sum_k (max_j |m_j| / |m_k|) m_k.
 
     Losses must be non-negative (a negative one would be clamped to 0, and its task get no
-    gradient): `fit` stops with an error naming the task when a
-    task's logged mean loss is negative (`Strategy.check_losses`).
+    gradient): `fit` stops with an error naming the task when a task's logged mean loss is
+    negative (`Strategy.check_losses`).
 
     Defaults, the authors' code (LibMTL): beta=0.9, beta_sigma=0.5, eps=1e-8. With beta=0
     no moving average is kept (m_k = g_k) and the method needs no per-parameter state.

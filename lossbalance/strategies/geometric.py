@@ -95,8 +95,9 @@ class ScaleInvariant(_LogScalarisation):
     task's gradient receives.
 
     Defaults: none to tune; losses are clamped below at `epsilon=1e-20` before the log, and
-    must be non-negative (`fit` checks, as for GLS). Same direction as GLS (`"gls"`), which multiplies the gradient by
-    the geometric mean over K: SI's step shrinks less as the losses fall.
+    must be non-negative (`fit` checks, as for GLS). Same direction as GLS (`"gls"`), which
+    multiplies the gradient by the geometric mean over K: SI's step shrinks less as the
+    losses fall.
 
     Implementations differ only numerically: some add a small constant inside the log
     (log(L + 1e-20)), which for positive float32 losses is the same as the clamp here.

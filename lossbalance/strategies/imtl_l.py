@@ -44,9 +44,9 @@ class IMTLL(LearnedLossScales, LossWeighting):
     for s_k the gradient is e^{s_k} L_k - 1, zero where e^{s_k} L_k = 1: at its fixed point
     every scaled loss equals 1, whatever the scale of the raw losses, so no task dominates
     for being measured in larger units. The logged `<task>_weight` is e^{s_k}. Losses must
-    be non-negative: for L_k < 0 the objective falls without bound as s_k grows;
-    `fit` stops with an error naming the task when a
-    task's logged mean loss is negative (`Strategy.check_losses`).
+    be non-negative: for L_k < 0 the objective falls without bound as s_k grows; `fit`
+    stops with an error naming the task when a task's logged mean loss is negative
+    (`Strategy.check_losses`).
 
     Defaults: s_k starts at `initial_log_scale=0` (every weight 1). The scales are trained by
     the model's own optimizer, with the model's learning rate, as uncertainty weighting

@@ -36,8 +36,8 @@ class SmoothTchebycheff(LossWeighting):
     and the multi-task form of the authors' code (their LibMTL-based STCH_MTL, with
     STCH_warmup_epoch=4: epochs 0..4 minimise the log losses, epoch 4 records the nadir).
     Losses are clamped below at `epsilon=1e-20` before logarithms and must be non-negative:
-    `fit` stops with an error naming the task when a
-    task's logged mean loss is negative (`Strategy.check_losses`).
+    `fit` stops with an error naming the task when a task's logged mean loss is negative
+    (`Strategy.check_losses`).
 
     Implementations differ: the paper states the general form mu log sum exp(lambda_k
     (L_k - z*_k) / mu) with preferences lambda and an ideal point z*; the authors' multi-task

@@ -258,7 +258,7 @@ def main(argv=None):
     if args.processes == 1:
         interval, bracket = "[95% bootstrap interval]", "95%"
     else:
-        coverage = timing.median_interval(range(args.processes))[2]
+        _, coverage = timing.median_rank(args.processes)
         interval = (f"median over {args.processes} processes [{coverage:.0%} interval of "
                     "that median, from the order statistics of their ratios]")
         bracket = f"{coverage:.0%}"

@@ -108,20 +108,25 @@ def summarise(per_step, per_round, baseline="keras", resamples=2000, seed=0):
     return rows
 
 
-def median_interval(values, confidence=0.95):
-    """(low, high, coverage): a distribution-free confidence interval for the median of the
-    distribution that `values` were drawn from. It is the pair of order statistics
-    x_(j) <= x_(n+1-j) with the largest j whose coverage, 1 - 2 P(Binomial(n, 1/2) < j),
-    is at least `confidence`; when even the full range (j = 1, coverage 1 - 2^(1-n))
-    falls short, the full range with its lower coverage (87.5% for 4 values)."""
-    ordered = sorted(values)
-    n = len(ordered)
+def median_rank(n, confidence=0.95):
+    """(j, coverage): the order statistics x_(j) <= x_(n+1-j) of n values that bound a
+    distribution-free confidence interval for the median of the distribution they were
+    drawn from. j is the largest whose coverage, 1 - 2 P(Binomial(n, 1/2) < j), is at least
+    `confidence`; when even the full range (j = 1, coverage 1 - 2^(1-n)) falls short, j = 1
+    with its lower coverage (87.5% for 4 values)."""
 
     def coverage(j):
         return 1 - 2 * sum(math.comb(n, i) for i in range(j)) / 2 ** n
 
     j = max([1] + [j for j in range(1, n // 2 + 1) if coverage(j) >= confidence])
-    return ordered[j - 1], ordered[n - j], coverage(j)
+    return j, coverage(j)
+
+
+def median_interval(values, confidence=0.95):
+    """(low, high, coverage): `median_rank`'s interval for the median of `values`."""
+    ordered = sorted(values)
+    j, coverage = median_rank(len(ordered), confidence)
+    return ordered[j - 1], ordered[len(ordered) - j], coverage
 
 
 def across_processes(summaries):

@@ -897,10 +897,10 @@ class _StrategyEpochHook(keras.callbacks.Callback):
 
     def _check_losses(self, logs, when):
         """The strategy sees each task's loss times its `compile(loss_weights=...)`."""
-        task_losses = self.model._task_losses
+        task_losses, logs = self.model._task_losses, logs or {}
         means = {task: float(logs[f"{task}_loss"]) * weight
                  for task, weight in zip(task_losses.names, task_losses.loss_weights)
-                 if f"{task}_loss" in (logs or {})}
+                 if f"{task}_loss" in logs}
         self.model.strategy.check_losses(means, when)
 
 

@@ -1,10 +1,12 @@
 """Summaries of a comparison: delta-m%, mean and 95% confidence interval over seeds, the
-tuned linear-scalarisation baseline, tables and plots."""
+tuned linear-scalarisation baseline, the verdict (which strategies beat the tuned LS, paired
+by seed), tables and plots."""
 
 from __future__ import annotations
 
 import csv
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -98,10 +100,238 @@ def summarize(results: list[dict]) -> list[dict]:
     if sweep:
         best = min(sweep, key=lambda row: row["val_delta_m"])
         rows.append({**best, "kind": "tuned_ls",
-                     "strategy": f"tuned LS ({best['strategy']})"})
+                     "strategy": f"tuned LS ({best['strategy']})", "source": best["strategy"]})
     order = {"method": 0, "tuned_ls": 1, "single": 2, "ls": 3}
     rows.sort(key=lambda row: order.get(row["kind"], 0))
     return rows
+
+
+# -- the verdict: every strategy against the tuned LS, paired by seed ------------------------
+
+PAIRED_TEST = "paired Student t (scipy.stats.ttest_rel)"
+RESULTS_HEADING = "\n\n## Results\n\n"  # separates the verdict from the tables in results.md
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """Mean of the paired differences a_i - b_i, its two-sided Student-t confidence interval
+    [low, high] and the p-value of the paired t test of a zero mean (n - 1 degrees of
+    freedom). nan where it is not defined (fewer than two pairs, a non-finite value)."""
+
+    n: int
+    mean: float
+    low: float
+    high: float
+    p_value: float
+    confidence: float = 0.95
+    test: str = PAIRED_TEST
+
+    @property
+    def excludes_zero(self) -> bool:
+        return bool(np.isfinite(self.low) and (self.low > 0 or self.high < 0))
+
+
+def paired_comparison(a, b, confidence=0.95) -> PairedComparison:
+    """Compare a with b paired element by element (a_i and b_i from the same seed): the
+    mean difference d = mean(a_i - b_i), the interval d ± t_{(1+confidence)/2, n-1} s_d /
+    sqrt(n) and the paired t test's two-sided p-value (scipy.stats.ttest_rel).
+
+    Identical differences (s_d = 0) give the degenerate interval [d, d] and p = 0 (or 1
+    when d = 0) without scipy's precision warning. Fewer than two pairs, or a non-finite
+    value, give nan for the interval and the p-value.
+    """
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired_comparison needs two 1-D arrays of one length; got shapes "
+                         f"{a.shape} and {b.shape}.")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1); got {confidence}.")
+    n = len(a)
+    nan = float("nan")
+    differences = a - b
+    if n == 0 or not np.all(np.isfinite(differences)):
+        return PairedComparison(n, nan, nan, nan, nan, confidence)
+    mean = float(differences.mean())
+    if n < 2:
+        return PairedComparison(n, mean, nan, nan, nan, confidence)
+    if np.all(differences == differences[0]):
+        return PairedComparison(n, mean, mean, mean, 1.0 if mean == 0 else 0.0, confidence)
+    result = stats.ttest_rel(a, b)
+    interval = result.confidence_interval(confidence)
+    return PairedComparison(n, mean, float(interval.low), float(interval.high),
+                            float(result.pvalue), confidence)
+
+
+def per_seed_delta_m(results: list[dict], split="test") -> dict[str, dict[int, float]]:
+    """{label: {seed: delta-m%}} for every multi-task run (methods and LS points), against
+    the single-task baselines' mean over seeds (as in `summarize`); {} without baselines."""
+    benchmark = get_benchmark(results[0]["benchmark"])
+    groups = _group(results)
+    reference = _single_reference(benchmark, groups, split)
+    if reference is None:
+        return {}
+    return {label: {run["seed"]: _run_delta_m(benchmark, run, reference, split)
+                    for run in runs}
+            for label, runs in groups.items() if runs[0].get("kind", "method") != "single"}
+
+
+@dataclass
+class VerdictEntry:
+    """One strategy against the tuned LS: its delta-m% (mean, CI half-width over seeds), the
+    paired comparison of its per-seed delta-m% with the tuned LS's (method - LS: negative is
+    better) and the outcome: "better", "indistinguishable", "worse" or "n/a"."""
+
+    label: str
+    delta_m: float
+    delta_m_ci95: float
+    comparison: PairedComparison
+    outcome: str
+
+
+@dataclass
+class Verdict:
+    """The strategies ranked by delta-m%, each compared with the tuned LS."""
+
+    benchmark: str
+    tuned_ls: str             # the LS sweep point's label, e.g. "ls:ratio=100"
+    tuned_ls_delta_m: float
+    tuned_ls_delta_m_ci95: float
+    entries: list = field(default_factory=list)  # VerdictEntry, ranked by delta-m%
+    confidence: float = 0.95
+    seeds: int = 0
+
+    def outcome(self, outcome: str) -> list[str]:
+        return [entry.label for entry in self.entries if entry.outcome == outcome]
+
+    @property
+    def recommendation(self) -> str:
+        """One line: what to use, and how sure we are."""
+        level = f"{100 * self.confidence:g}%"
+        ls = f"the tuned LS (`{self.tuned_ls}`, Δm% {self.tuned_ls_delta_m:+.2f})"
+        better = [e for e in self.entries if e.outcome == "better"]
+        if better:
+            best = better[0]
+            c = best.comparison
+            others = "" if len(better) == 1 else (
+                f"; {len(better) - 1} more beat it too: "
+                + ", ".join(f"`{e.label}`" for e in better[1:]))
+            return (f"Use `{best.label}`: Δm% {best.delta_m:+.2f}, "
+                    f"{abs(c.mean):.2f} points better than {ls}, {level} interval of the "
+                    f"difference [{c.low:+.2f}, {c.high:+.2f}] over {c.n} seeds{others}.")
+        if all(e.outcome == "n/a" for e in self.entries):
+            first = next((e for e in self.entries if np.isfinite(e.delta_m)), None)
+            lowest = "" if first is None else (
+                f" (lowest Δm%: `{first.label}`, {first.delta_m:+.2f}, against "
+                f"{self.tuned_ls_delta_m:+.2f} for the tuned LS)")
+            return ("No verdict: the comparison with the tuned LS needs two or more seeds "
+                    f"that both ran (--seeds 3 or more){lowest}.")
+        ahead = [e for e in self.entries if e.outcome == "indistinguishable"
+                 and e.comparison.mean < 0]
+        hint = "" if not ahead else (
+            f" `{ahead[0].label}` has a lower mean Δm% ({ahead[0].delta_m:+.2f}) but its "
+            f"{level} interval of the difference [{ahead[0].comparison.low:+.2f}, "
+            f"{ahead[0].comparison.high:+.2f}] includes zero; more seeds (--seeds) may "
+            "separate them.")
+        return (f"No strategy beats {ls} with {level} confidence over {self.seeds} seeds: "
+                "use the tuned linear scalarisation (fixed weights w_k ∝ c_k / L_k(0) at "
+                f"that sweep point).{hint}")
+
+
+def _rank_key(entry):
+    return (not np.isfinite(entry.delta_m), entry.delta_m)
+
+
+def verdict(results: list[dict], rows: list[dict] | None = None,
+            confidence=0.95) -> Verdict | None:
+    """Rank the strategies by test delta-m% and compare each with the tuned LS (the sweep
+    point with the best validation delta-m%, see `summarize`), paired by seed
+    (`paired_comparison` of the per-seed delta-m%, method - LS, on the seeds both ran).
+
+    "better": the difference's interval lies below zero; "worse": above zero;
+    "indistinguishable": it contains zero; "n/a": undefined (fewer than two shared seeds, a
+    non-finite delta-m%). None when there is no delta-m% (no single-task baselines) or no
+    LS sweep.
+    """
+    rows = summarize(results) if rows is None else rows
+    tuned = next((row for row in rows if row["kind"] == "tuned_ls"), None)
+    by_seed = per_seed_delta_m(results)
+    if tuned is None or not by_seed:
+        return None
+    ls_label = tuned["source"]
+    ls = by_seed[ls_label]
+    entries = []
+    for row in rows:
+        if row["kind"] != "method":
+            continue
+        own = by_seed.get(row["strategy"], {})
+        seeds = sorted(set(own) & set(ls))
+        comparison = paired_comparison([own[s] for s in seeds], [ls[s] for s in seeds],
+                                       confidence)
+        if not np.isfinite(comparison.low):
+            outcome = "n/a"
+        elif comparison.high < 0:
+            outcome = "better"
+        elif comparison.low > 0:
+            outcome = "worse"
+        else:
+            outcome = "indistinguishable"
+        entries.append(VerdictEntry(row["strategy"], row["delta_m"], row["delta_m_ci95"],
+                                    comparison, outcome))
+    entries.sort(key=_rank_key)
+    return Verdict(get_benchmark(results[0]["benchmark"]).name, ls_label, tuned["delta_m"],
+                   tuned["delta_m_ci95"], entries, confidence, seeds=len(ls))
+
+
+def _interval(c: PairedComparison) -> str:
+    if not np.isfinite(c.mean):
+        return "n/a"
+    if not np.isfinite(c.low):
+        return f"{c.mean:+.2f} (one seed: no interval)"
+    return f"{c.mean:+.2f} [{c.low:+.2f}, {c.high:+.2f}]"
+
+
+def verdict_markdown(v: Verdict, heading="## Verdict") -> str:
+    """The verdict as markdown: the ranking table, the three groups, the recommendation and
+    the test used."""
+    level = f"{100 * v.confidence:g}%"
+    lines = [heading, "",
+             f"Strategies ranked by test Δm% (lower is better), each against the tuned "
+             f"linear scalarisation `{v.tuned_ls}` (Δm% "
+             f"{_cell(v.tuned_ls_delta_m, v.tuned_ls_delta_m_ci95, '.2f', '.2f', True)}): "
+             f"the difference Δm%(strategy) − Δm%(tuned LS), paired by seed, with its "
+             f"{level} interval.", "",
+             f"| rank | strategy | Δm% | − tuned LS [{level} CI] | p | verdict |",
+             "|---|---|---|---|---|---|"]
+    for rank, entry in enumerate(v.entries, 1):
+        p = entry.comparison.p_value
+        lines.append(
+            f"| {rank} | `{entry.label}` | "
+            f"{_cell(entry.delta_m, entry.delta_m_ci95, '.2f', '.2f', True)} | "
+            f"{_interval(entry.comparison)} | {'n/a' if not np.isfinite(p) else f'{p:.3g}'} "
+            f"| {entry.outcome} |")
+    lines.append("")
+    for outcome, title in (("better", f"Better than the tuned LS ({level} interval below 0)"),
+                           ("indistinguishable", "Indistinguishable from it (interval "
+                                                 "contains 0)"),
+                           ("worse", f"Worse ({level} interval above 0)"),
+                           ("n/a", "Not compared (fewer than two seeds, or a non-finite "
+                                   "Δm%)")):
+        labels = v.outcome(outcome)
+        if labels or outcome != "n/a":
+            names = ", ".join(f"`{label}`" for label in labels) or "none"
+            lines.append(f"- **{title}:** {names}")
+    test = (f"Test: {PAIRED_TEST} on the per-seed differences of test Δm% (same seed, "
+            f"same single-task reference), two-sided {level} interval; one test per "
+            "strategy, not corrected for multiple comparisons.")
+    if v.seeds < 2:
+        test += " With one seed there is no interval: run two or more (--seeds)."
+    else:
+        t = stats.t.ppf(0.5 + v.confidence / 2, v.seeds - 1)
+        test += (f" With {v.seeds} seeds the interval is the mean difference ± {t:.2f} "
+                 "standard errors" + (": wide, only large differences are resolved."
+                                      if v.seeds <= 5 else "."))
+    lines += ["", f"**Recommendation:** {v.recommendation}", "", test]
+    return "\n".join(lines)
 
 
 def _cell(mean, ci, fmt=".4g", ci_fmt=".2g", sign=False):
@@ -142,15 +372,10 @@ def markdown_table(rows, benchmark, kinds=("method", "tuned_ls", "single")) -> s
     return "\n".join(lines)
 
 
-def write_tables(rows: list[dict], results: list[dict], out: Path) -> None:
+def results_markdown(rows: list[dict], results: list[dict]) -> tuple[str, str]:
+    """(verdict, tables) of `results.md` as markdown; the verdict is "" when there is none
+    (no single-task baselines or no LS sweep)."""
     benchmark = get_benchmark(results[0]["benchmark"])
-    fields = []
-    for row in rows:
-        fields += [key for key in row if key not in fields]
-    with open(out / "results.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
     quick = any(result.get("quick") for result in results)
     text = [
         f"Test metrics on `{benchmark.name}` at the epoch selected on validation "
@@ -169,7 +394,30 @@ def write_tables(rows: list[dict], results: list[dict], out: Path) -> None:
                  markdown_table(sweep, benchmark, kinds=("ls",)),
                  "", "| sweep point | validation Δm% |", "|---|---|"]
         text += [f"| {row['strategy']} | {row['val_delta_m']:+.2f} |" for row in sweep]
-    (out / "results.md").write_text("\n".join(text) + "\n")
+    found = verdict(results, rows)
+    return ("" if found is None else verdict_markdown(found)), "\n".join(text)
+
+
+def write_tables(rows: list[dict], results: list[dict], out: Path) -> tuple[str, str]:
+    """`results.csv` (the rows) and `results.md` (the verdict first, then the tables);
+    returns `results_markdown`'s (verdict, tables)."""
+    fields = []
+    for row in rows:
+        fields += [key for key in row if key not in fields]
+    with open(out / "results.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    found, tables = results_markdown(rows, results)
+    header = "" if not found else found + RESULTS_HEADING
+    (out / "results.md").write_text(header + tables + "\n")
+    return found, tables
+
+
+def split_results_md(text: str) -> tuple[str, str]:
+    """`results.md`'s text -> (verdict, tables); verdict "" when it has none."""
+    found, heading, tables = text.partition(RESULTS_HEADING)
+    return (found, tables) if heading else ("", text)
 
 
 def _pyplot():

@@ -331,8 +331,9 @@ def compare(benchmark: str, strategies: list[str], seeds: int | None, out: Path,
             if errors == "raise":
                 raise
             message = f"{type(error).__name__}: {error}"
-            warnings.warn(f"{benchmark}: run {run_labels[label]!r} seed {seed} failed: "
-                          f"{message}")
+            with tqdm.external_write_mode():  # printed above the bar, not through it
+                warnings.warn(f"{benchmark}: run {run_labels[label]!r} seed {seed} failed: "
+                              f"{message}")
             failures.append({"strategy": run_labels[label], "seed": seed, "error": message})
             continue
         path.write_text(json.dumps(result, indent=1))

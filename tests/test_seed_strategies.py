@@ -1,4 +1,4 @@
-"""Uncertainty weighting's start and optimizer: known answers."""
+"""Uncertainty weighting's start and optimizer, GradNorm's balanced start: known answers."""
 
 import keras
 import numpy as np
@@ -6,8 +6,9 @@ import pytest
 import tensorflow as tf
 from conftest import TWO_HEAD_LOSS, make_trunk_model
 
+import lossbalance
 from lossbalance import strategies
-from lossbalance.strategies import UncertaintyWeighting
+from lossbalance.strategies import GradNorm, UncertaintyWeighting
 
 BATCH = 64  # the whole fixture: one step per epoch
 
@@ -188,3 +189,84 @@ def test_uncertainty_skipped_first_step_starts_at_the_next_batch(two_head_data):
     first = losses_of(model, x[16:32], clean)
     fit(model, x[16:32], clean, batch_size=16)
     np.testing.assert_allclose(model.strategy.log_variance.numpy(), np.log(first), rtol=1e-5)
+
+
+# -- GradNorm -----------------------------------------------------------------------------
+
+
+def trunk_norms(model, x, y):
+    """Each task's gradient norm at the `trunk` layer (the last one both tasks share)."""
+    with tf.GradientTape(persistent=True) as tape:
+        outputs = model(x, training=True)
+        losses = [TWO_HEAD_LOSS["cls"](y["cls"], outputs["cls"]),
+                  keras.losses.MeanSquaredError()(y["reg"], outputs["reg"])]
+    trunk = [v.value for v in model.get_layer("trunk").trainable_weights]
+    return np.array([float(tf.linalg.global_norm(tape.gradient(loss, trunk)))
+                     for loss in losses])
+
+
+def test_gradnorm_balanced_start_measures_then_equalises_the_weighted_norms(two_head_data):
+    """The first step sets w = K (1/n) / sum(1/n), where L_grad = 0 at r = 1 (equal
+    weighted norms w_k n_k), and does not move the model (weights 0, logged as 0)."""
+    x, y = scaled(two_head_data)
+    model = make_trunk_model()
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss=TWO_HEAD_LOSS,
+                  strategy="gradnorm")
+    before = network_weights(model)
+    norms = trunk_norms(model, x, y)
+    logs = fit(model, x, y)
+    weights = model.strategy.task_weights.numpy()
+    np.testing.assert_allclose(weights, 2.0 / norms / np.sum(1.0 / norms), rtol=1e-5)
+    np.testing.assert_allclose(weights * norms, np.mean(weights * norms), rtol=1e-5)
+    assert weights[1] < 1e-2  # the large regression's weight, from the first step
+    for a, b in zip(before, network_weights(model)):
+        np.testing.assert_array_equal(b, a)
+    assert logs["cls_weight"] == [0.0] and logs["reg_weight"] == [0.0]
+    assert int(model.strategy.weight_optimizer.iterations) == 1
+
+    logs = fit(model, x, y)  # the second step trains with the balanced weights
+    np.testing.assert_allclose([logs["cls_weight"][0], logs["reg_weight"][0]], weights,
+                               rtol=1e-6)
+    assert any(np.any(a != b) for a, b in zip(before, network_weights(model)))
+
+
+def test_gradnorm_ones_start_is_the_papers_first_step(two_head_data):
+    """initial_weights="ones": the first step is a plain sum, as `fixed` takes it."""
+    x, y = scaled(two_head_data)
+    models = {}
+    for strategy in ({"name": "gradnorm", "initial_weights": "ones"}, "fixed"):
+        model = make_trunk_model()
+        model.compile(optimizer=keras.optimizers.SGD(1e-4), loss=TWO_HEAD_LOSS,
+                      strategy=strategy)
+        logs = fit(model, x, y)
+        models[model.strategy.registry_name] = model
+        assert logs["cls_weight"] == [1.0] and logs["reg_weight"] == [1.0]
+    for a, b in zip(models["gradnorm"].get_weights(), models["fixed"].get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def constant_loss(y_true, y_pred):
+    """A loss without gradient: its norm at every layer is 0."""
+    return keras.ops.mean(y_true + 0.0 * y_pred, axis=-1)
+
+
+def test_gradnorm_balanced_start_falls_back_to_ones_when_a_norm_is_zero(two_head_data):
+    x, y = two_head_data
+    y = {"cls": y["cls"], "reg": np.abs(y["reg"])}
+    model = make_trunk_model()
+    model.compile(optimizer="sgd", loss={"cls": TWO_HEAD_LOSS["cls"], "reg": constant_loss},
+                  strategy="gradnorm")
+    fit(model, x, y)
+    np.testing.assert_array_equal(model.strategy.task_weights.numpy(), [1.0, 1.0])
+
+
+def test_gradnorm_initial_weights_is_validated_and_round_trips():
+    with pytest.raises(ValueError,
+                       match="`initial_weights` must be one of 'balanced', 'ones'"):
+        GradNorm(initial_weights="uniform")
+    strategy = GradNorm(initial_weights="ones", alpha=0.5)
+    config = strategy.get_config()
+    assert config["initial_weights"] == "ones"
+    assert GradNorm.from_config(config).get_config() == config
+    assert GradNorm().initial_weights == "balanced"
+    assert lossbalance.strategies.get({"name": "gradnorm"}).initial_weights == "balanced"

@@ -78,12 +78,14 @@ def _direction_and_weights(strategy, jacobian, losses):
         direction, weights = strategy.aggregate(jacobian, losses)
         return tf.cast(direction, jacobian.dtype), tf.cast(weights, jacobian.dtype)
     if strategy.family == "gramian":
-        gramian = tf.matmul(jacobian, jacobian, transpose_b=True)
-        weights = strategy.gramian_weights(gramian, losses)
+        rows = tf.cast(jacobian, tf.float64)  # exact products, as BalancedModel's Gramian
+        weights = strategy.gramian_weights(tf.matmul(rows, rows, transpose_b=True), losses)
     else:
         weights = strategy.loss_weights(losses)
-    weights = tf.cast(weights, jacobian.dtype)
-    return tf.linalg.matvec(jacobian, weights, transpose_a=True), weights
+    # J^T w accumulated in float64, as BalancedModel does (see TaskGradients.combine).
+    direction = tf.linalg.matvec(tf.cast(jacobian, tf.float64), tf.cast(weights, tf.float64),
+                                 transpose_a=True)
+    return tf.cast(direction, jacobian.dtype), tf.cast(weights, jacobian.dtype)
 
 
 def aggregate_with_weights(strategy, jacobian, losses=None):

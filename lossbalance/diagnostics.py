@@ -150,8 +150,7 @@ def inspect_batch(model, x, y, sample_weight=None, strategy=None) -> BatchInspec
             weights = tf.cast(strategy.loss_weights(losses), tf.float64)
             direction = tf.linalg.matvec(jacobian, weights, transpose_a=True)
         elif strategy.family == "gramian":
-            weights = tf.cast(strategy.gramian_weights(tf.cast(gramian, losses.dtype), losses),
-                              tf.float64)
+            weights = tf.cast(strategy.gramian_weights(gramian, losses), tf.float64)
             direction = tf.linalg.matvec(jacobian, weights, transpose_a=True)
         else:
             direction, weights = strategy.aggregate(tf.cast(jacobian, losses.dtype), losses)

@@ -134,11 +134,15 @@ class TaskGradients:
         self._given.update(zip(given, summed[len(slots):]))
         self._stacked = {}  # of the local gradients
 
-    def gramian(self, dtype=None) -> tf.Tensor:
+    def gramian(self, dtype=tf.float64) -> tf.Tensor:
         """G = J J^T (K x K) over the shared variables, accumulated variable by variable:
         a matrix product of the stacked rows, or for few tasks the K (K + 1) / 2 dot
-        products of the task gradients themselves (no stacked copy)."""
-        dtype = dtype or tf.float32
+        products of the task gradients themselves (no stacked copy).
+
+        In float64 by default: the products of float32 gradients are then exact, and the
+        cosine of two nearly opposite gradients (a task pair near Pareto stationarity)
+        keeps its distance from -1, which a float32 sum rounds to within ~1e-7; the
+        strategies' answers there depend on that distance."""
         total = tf.zeros((self.num_tasks, self.num_tasks), dtype)
         products = {}  # (k, l), k <= l -> [g_k . g_l of each variable]
         for i in self.shared:
@@ -165,17 +169,24 @@ class TaskGradients:
             [tf.reshape(self.stacked(i), (self.num_tasks, -1)) for i in self.shared], axis=1)
 
     def combine(self, weights) -> dict:
-        """J^T w for every shared variable: {variable index: gradient}."""
+        """J^T w for every shared variable: {variable index: gradient}, accumulated in
+        float64 and rounded once to the gradients' dtype. Near Pareto stationarity the
+        update is much shorter than the weighted gradients it sums (and with tasks on
+        different scales the weights span orders of magnitude), so a float32 sum would
+        leave it conflicting with a task by float32's epsilon times that ratio."""
+        weights = tf.cast(weights, tf.float64)
         result, each = {}, None
         for i in self.shared:
             if self._direct(i):
                 if each is None:
                     each = tf.unstack(weights, num=self.num_tasks)
-                result[i] = tf.add_n([tf.cast(w, g[i].dtype) * g[i]
-                                      for w, g in zip(each, self.per_task) if g[i] is not None])
+                rows = [(w, g[i]) for w, g in zip(each, self.per_task) if g[i] is not None]
+                total = tf.add_n([w * tf.cast(g, tf.float64) for w, g in rows])
+                result[i] = tf.cast(total, rows[0][1].dtype)
             else:
                 stacked = self.stacked(i)
-                result[i] = tf.tensordot(tf.cast(weights, stacked.dtype), stacked, axes=1)
+                total = tf.tensordot(weights, tf.cast(stacked, tf.float64), axes=1)
+                result[i] = tf.cast(total, stacked.dtype)
         return result
 
     def unflatten(self, direction) -> dict:

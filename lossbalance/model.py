@@ -734,12 +734,12 @@ class BalancedModel(keras.Model):
                  if self._scales_loss() else None)
         strategy = self.strategy
         if strategy.family == "gramian":
-            gramian = gradients.gramian(losses.dtype)
+            gramian = gradients.gramian()
             if local_rows:
                 gramian = replicas.sum_over_replicas(gramian)
             if scale is not None:
-                gramian /= scale * scale
-            weights = self._levels.gramian_weights(gramian, losses)
+                gramian /= tf.cast(scale, gramian.dtype) ** 2
+            weights = tf.cast(self._levels.gramian_weights(gramian, losses), losses.dtype)
             update = gradients.combine(weights)
         else:
             jacobian = gradients.jacobian()

@@ -140,9 +140,11 @@ def test_power_barrier_ill_conditioned_and_scaled(k):
     g = random_gramian(k, "ill", 3)
     w = barrier_1(tf.constant(g)).numpy()
     assert np.all(np.isfinite(w)) and np.all(w > 0)
-    # the exact rescaling w(sG) = s^(-1/2) w(G)
+    # the exact rescaling w(sG) = s^(-1/2) w(G); G is rank deficient, so the answer is
+    # held finite by the solver's 1e-15 relative ridge, with weights up to ~1e7 whose
+    # float64 rounding shows at 1e-6
     scaled = barrier_1(tf.constant(1e6 * g)).numpy()
-    np.testing.assert_allclose(scaled, w * 1e-3, rtol=1e-6)
+    np.testing.assert_allclose(scaled, w * 1e-3, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", KINDS)

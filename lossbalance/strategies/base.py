@@ -51,6 +51,15 @@ class Strategy(keras.layers.Layer):
     #: weight of about 1 / epsilon) or whose objective is unbounded below for a negative
     #: loss (learned loss scales). See `check_losses`.
     loss_floor: float | None = None
+    #: Whether the update never conflicts with a task: its cosine with every task's
+    #: gradient is >= 0 (up to rounding) for any gradients, by the method's definition.
+    #: `tests/test_scales.py` checks it for every registered strategy that declares it, at
+    #: scale ratios up to 1e6 between tasks and near Pareto stationarity.
+    non_conflicting: bool = False
+    #: Whether the update's direction stays the same when one task's loss (and so its
+    #: gradient) is multiplied by a positive constant: the method does not depend on the
+    #: tasks' scales. Checked by `tests/test_scales.py` where declared.
+    scale_invariant: bool = False
 
     def __init__(self, name=None, **kwargs):
         unknown = sorted(set(kwargs) - _LAYER_ARGUMENTS)

@@ -27,9 +27,15 @@ class CAGrad(GramianWeighting):
     sum. When 0 is in the convex hull (|g_w*| = 0) the second term is dropped and the
     update is g0.
 
-    Solver: the dual on the simplex is solved in-graph by pairwise Frank-Wolfe with an
-    exact line search (`lossbalance.solvers.simplex_norm_penalty_min`) on the Gramian
-    normalised by its trace; the authors call scipy's SLSQP on the host.
+    Solver (`lossbalance.solvers.max_min_in_ball`): the dual on the simplex is solved
+    in-graph by pairwise Frank-Wolfe with an exact line search, which finds the tasks
+    that bind; the update then comes from the primal's optimality conditions on them,
+    d = J^T (1/K + y) with g_k . d equal on the binding tasks and |J^T y| = c |g0|,
+    solved exactly on the cosines of the gradients. The dual's formula divides by |g_w*|,
+    which vanishes near Pareto stationarity (the authors add 1e-4 to it; float rounding
+    then gives updates that conflict with a task, for c >= 1 too); the primal form keeps
+    min_k g_k . d >= 0 for c >= 1 there, and at any scale ratio between tasks. The
+    authors call scipy's SLSQP on the host.
 
     Args:
         c: radius of the ball, relative to |g0|; >= 0.
@@ -51,19 +57,18 @@ class CAGrad(GramianWeighting):
         self.max_iterations = check_number("max_iterations", max_iterations, minimum=1,
                                            integer=True)
 
+    @property
+    def non_conflicting(self):
+        return self.c >= 1.0  # d = 0 is then feasible, so min_k g_k . d >= 0 at the optimum
+
     def gramian_weights(self, gramian, losses):
-        g, _ = solvers.normalize_gramian(gramian)
+        g = tf.cast(gramian, tf.float64)
         k = tf.shape(g)[0]
         mean = tf.ones([k], tf.float64) / tf.cast(k, tf.float64)
         g0_norm = tf.sqrt(tf.maximum(tf.tensordot(mean, tf.linalg.matvec(g, mean), 1), 0.0))
-        radius = self.c * g0_norm
-        w = solvers.simplex_norm_penalty_min(g, tf.linalg.matvec(g, mean), radius,
-                                             max_iterations=self.max_iterations)
-        w = tf.cast(w, tf.float64)
-        gw_norm = tf.sqrt(tf.maximum(tf.tensordot(w, tf.linalg.matvec(g, w), 1), 0.0))
-        ok = gw_norm > 1e-10 * tf.maximum(g0_norm, 1e-150)
-        coefficient = tf.where(ok, radius / tf.where(ok, gw_norm, 1.0), 0.0)
-        weights = mean + coefficient * w
+        weights = tf.cast(solvers.max_min_in_ball(g, mean, self.c * g0_norm,
+                                                  max_iterations=self.max_iterations),
+                          tf.float64)
         if self.rescale:
             weights = weights / (1.0 + self.c ** 2)
         return tf.cast(weights, gramian.dtype)

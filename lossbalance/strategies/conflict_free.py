@@ -23,27 +23,25 @@ class ConFIG(GramianWeighting):
     pseudo-inverse through least squares) as in TorchJD's `ConFIG`; the preference only
     sets which cosines are equal, and the sum of projections sets the length, so the update
     has the scale of a *sum* of gradients. The pseudo-inverse drops eigenvalues of C under
-    K eps(dtype) times the largest. The momentum variant (M-ConFIG) needs per-parameter
-    state and is not provided.
+    K eps(float32) times the largest, whatever the gradients' scales (the direction does
+    not depend on them). The momentum variant (M-ConFIG) needs per-parameter state and is
+    not provided.
 
     Reference: Q. Liu, M. Chu, N. Thuerey, "ConFIG: Towards Conflict-free Training of
     Physics Informed Neural Networks", ICLR 2025 (arXiv:2408.11104, 2024).
     """
 
+    scale_invariant = True
+
     def gramian_weights(self, gramian, losses):
-        g, _ = solvers.normalize_gramian(gramian)
-        norms = tf.sqrt(tf.maximum(tf.linalg.diag_part(g), 0.0))
-        ok = norms > 1e-150
-        inverse = tf.where(ok, 1.0 / tf.where(ok, norms, 1.0), 0.0)
-        cosines = g * inverse[:, None] * inverse[None, :]
-        k = self.num_tasks
-        rcond = solvers._eps(gramian.dtype) * k
-        pinv = tf.cast(solvers.psd_pinv(cosines, rcond=rcond), tf.float64)
-        v = inverse * tf.linalg.matvec(pinv, tf.ones([k], tf.float64))
-        gv = tf.linalg.matvec(g, v)
-        squared = tf.tensordot(v, gv, 1)
+        cosines, norms = solvers.cosine_gramian(gramian)
+        k = tf.shape(cosines)[0]
+        # v = D^-1 C^+ 1; with G = D C D: G v = D C C^+ 1 and v^T G v = 1^T C^+ 1.
+        z = tf.linalg.matvec(solvers.cosine_pinv(cosines), tf.ones([k], tf.float64))
+        v = solvers.divide_by_norms(z, norms)
+        length = tf.reduce_sum(norms * tf.linalg.matvec(cosines, z))  # 1^T G v
+        squared = tf.reduce_sum(tf.where(norms > 0, z, 0.0))  # v^T G v (C block-diagonal
+        # in the zero tasks, whose z_k = 1 do not enter v)
         good = squared > 1e-300
-        factor = tf.where(good, tf.reduce_sum(gv) / tf.where(good, squared, 1.0), 0.0)
-        # Undo the normalisation: g = s G_hat, so v scales by s^(-1/2), the factor by s^(1/2)
-        # and the weights not at all.
+        factor = tf.where(good, length / tf.where(good, squared, 1.0), 0.0)
         return tf.cast(v * factor, gramian.dtype)

@@ -39,6 +39,7 @@ class DBMTL(ParameterStateAggregator):
     """
 
     loss_floor = 0.0
+    scale_invariant = True  # log losses, and every moving average scaled to the largest
 
     def __init__(self, beta=0.9, beta_sigma=0.5, eps=1e-8, **kwargs):
         super().__init__(**kwargs)
@@ -77,9 +78,13 @@ class DBMTL(ParameterStateAggregator):
             self.moving_gradients.assign(tf.cast(m, self.moving_gradients.dtype))
         else:
             m = j
-        norms = tf.norm(m, axis=1)
+        # The weights span the tasks' scale ratio: norms and J^T w in float64, so that
+        # the sum of unit-scaled rows is exact (as BalancedModel's combination is).
+        m64 = tf.cast(m, tf.float64)
+        norms = tf.norm(m64, axis=1)
         weights = tf.math.divide_no_nan(tf.reduce_max(norms), norms)
-        return tf.linalg.matvec(m, weights, transpose_a=True), weights
+        direction = tf.linalg.matvec(m64, weights, transpose_a=True)
+        return tf.cast(direction, dtype), tf.cast(weights, dtype)
 
     def get_config(self):
         return {**super().get_config(), "beta": self.beta, "beta_sigma": self.beta_sigma,

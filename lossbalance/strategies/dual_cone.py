@@ -8,38 +8,52 @@ from lossbalance.strategies.base import GramianWeighting, check_choice, check_nu
 from lossbalance.strategies.registry import register
 
 PREFERENCES = ("mean", "sum")
-
-
-def _prepared_gramian(gramian, norm_eps, reg_eps):
-    """TorchJD's conditioning: G / trace(G) (zero if the trace is under norm_eps), + reg_eps I."""
-    g = tf.cast(gramian, tf.float64)
-    g = tf.where(tf.math.is_finite(g), g, tf.zeros_like(g))
-    g = 0.5 * (g + tf.transpose(g))
-    trace = tf.linalg.trace(g)
-    ok = trace >= norm_eps
-    g = tf.where(ok, g / tf.where(ok, trace, 1.0), tf.zeros_like(g))
-    return g + reg_eps * tf.eye(tf.shape(g)[0], dtype=tf.float64)
+REGULARIZATIONS = ("cosine", "trace")
 
 
 class _DualConeProjection(GramianWeighting):
-    def __init__(self, preference="mean", norm_eps=1e-4, reg_eps=1e-4, max_iterations=500,
-                 **kwargs):
+    def __init__(self, preference="mean", reg_eps=0.0, regularization="cosine",
+                 norm_eps=0.0, max_iterations=500, **kwargs):
         super().__init__(**kwargs)
         self.preference = check_choice("preference", preference, PREFERENCES)
-        self.norm_eps = check_number("norm_eps", norm_eps, minimum=0.0)
         self.reg_eps = check_number("reg_eps", reg_eps, minimum=0.0)
+        self.regularization = check_choice("regularization", regularization,
+                                           REGULARIZATIONS)
+        self.norm_eps = check_number("norm_eps", norm_eps, minimum=0.0)
         self.max_iterations = check_number("max_iterations", max_iterations, minimum=1,
                                            integer=True)
+
+    @property
+    def non_conflicting(self):
+        # a ridge > 0 leaves conflicts of order reg_eps (on the cosines) or of order
+        # reg_eps * lambda_max / lambda_min (on the trace-normalised Gramian)
+        return self.reg_eps == 0.0
 
     def _preference(self):
         k = self.num_tasks
         return tf.fill([k], tf.constant(1.0 / k if self.preference == "mean" else 1.0,
                                         tf.float64))
 
+    def _projections(self, gramian, lower):
+        """Rows w = argmin_{v >= u} v^T G v for the rows u of `lower` (M, K), float64."""
+        if self.regularization == "trace":  # TorchJD's conditioning
+            g = tf.cast(gramian, tf.float64)
+            g = tf.where(tf.math.is_finite(g), g, tf.zeros_like(g))
+            g = 0.5 * (g + tf.transpose(g))
+            trace = tf.linalg.trace(g)
+            ok = trace >= self.norm_eps
+            g = tf.where(ok, g / tf.where(ok, trace, 1.0), tf.zeros_like(g))
+            g = g + self.reg_eps * tf.eye(self.num_tasks, dtype=tf.float64)
+            return solvers.box_qp(g, lower, max_iterations=self.max_iterations)
+        w = solvers.dual_cone_weights(gramian, lower, ridge=self.reg_eps,
+                                      max_iterations=self.max_iterations)
+        return tf.where(tf.linalg.trace(tf.cast(gramian, tf.float64)) >= self.norm_eps, w,
+                        lower)
+
     def get_config(self):
         return {**super().get_config(), "preference": self.preference,
-                "norm_eps": self.norm_eps, "reg_eps": self.reg_eps,
-                "max_iterations": self.max_iterations}
+                "reg_eps": self.reg_eps, "regularization": self.regularization,
+                "norm_eps": self.norm_eps, "max_iterations": self.max_iterations}
 
 
 @register("upgrad")
@@ -53,14 +67,20 @@ class UPGrad(_DualConeProjection):
     The update conflicts with no task, and is linear under positive scaling of each task's
     gradient (scaling g_i by a > 0 scales its own projection by a).
 
-    Defaults and conventions, those of the authors' library TorchJD: the mean of the
-    projections (`preference="mean"`; "sum" multiplies by K); the Gramian is divided by
-    its trace (when the trace is at least `norm_eps=1e-4`, else treated as zero) and
-    regularised by `reg_eps=1e-4` times the identity, which keeps the problem strictly
-    convex but makes the update non-conflicting only up to a term of order
-    reg_eps * lambda_max / lambda_min of the Gramian (measured cosines down to -0.14 on
-    ill-conditioned 3 x 6 Jacobians); `reg_eps=0` gives the exact projection (the tests
-    check non-conflict there) and is the better choice when gradient scales differ a lot.
+    Defaults: the mean of the projections (`preference="mean"`, as TorchJD; "sum"
+    multiplies by K) and the exact projections, with no ridge (`reg_eps=0`), so the update
+    conflicts with no task at any scale. The problems are solved on the cosines C
+    (G = D C D, D the gradient norms; x = D w solves min_{x >= D u} x^T C x), which are as
+    well conditioned whatever the tasks' scales. A ridge `reg_eps` > 0 is added to C
+    (`regularization="cosine"`), i.e. reg_eps |g_k|^2 to each task's own diagonal entry:
+    relative to each task's norm, it leaves conflicts of order reg_eps at most.
+
+    Where implementations differ: TorchJD divides G by its trace (treating a trace under
+    `norm_eps=1e-4` as zero) and adds `reg_eps=1e-4` times the identity there; that is
+    `regularization="trace", reg_eps=1e-4, norm_eps=1e-4`. With gradients on different
+    scales that ridge swamps the small task (its diagonal entry in G / trace(G) is 1e-8 at
+    a scale ratio of 1e4): the update then conflicts with it (cosines down to -0.14
+    measured), and the threshold zeroes any Gramian of small gradients.
     The weights are sums of w^(i) >= e_i / K, so every weight is at least 1/K.
 
     Solver: the K box-constrained QPs are solved together in-graph by an exact primal-dual
@@ -70,7 +90,9 @@ class UPGrad(_DualConeProjection):
 
     Args:
         preference: "mean" (default) or "sum".
-        norm_eps, reg_eps: the trace threshold and ridge above.
+        reg_eps: the ridge (default 0: the exact projection).
+        regularization: "cosine" (default) or "trace" (TorchJD's): where the ridge goes.
+        norm_eps: a Gramian whose trace is under it is treated as zero (default 0).
         max_iterations: cap on projected-gradient steps (default 500).
 
     Reference: P. Quinton, V. Rey, "Jacobian Descent for Multi-Objective Optimization",
@@ -78,9 +100,7 @@ class UPGrad(_DualConeProjection):
     """
 
     def gramian_weights(self, gramian, losses):
-        g = _prepared_gramian(gramian, self.norm_eps, self.reg_eps)
-        lower = tf.linalg.diag(self._preference())
-        w = solvers.box_qp(g, lower, max_iterations=self.max_iterations)
+        w = self._projections(gramian, tf.linalg.diag(self._preference()))
         return tf.cast(tf.reduce_sum(w, axis=0), gramian.dtype)
 
 
@@ -92,13 +112,15 @@ class DualProj(_DualConeProjection):
     w = argmin_{v >= p} v^T G v, for the preference p (1/K: the mean gradient). The update
     conflicts with no task and equals the mean gradient when that one conflicts with none.
 
-    Defaults and conventions as `UPGrad` (TorchJD's): p = 1/K (`preference="mean"`), the
-    Gramian divided by its trace and regularised with `reg_eps=1e-4` (non-conflicting up
-    to that ridge; exact with `reg_eps=0`); solved in-graph by `lossbalance.solvers.box_qp`.
+    Defaults and conventions as `UPGrad`: p = 1/K (`preference="mean"`), the exact
+    projection (`reg_eps=0`) solved on the cosines in-graph by
+    `lossbalance.solvers.box_qp`; TorchJD's conditioning is
+    `regularization="trace", reg_eps=1e-4, norm_eps=1e-4` (see `UPGrad`).
 
     Args:
         preference: "mean" (default) or "sum".
-        norm_eps, reg_eps: the trace threshold and ridge.
+        reg_eps, regularization, norm_eps: the ridge, where it goes, and the zero
+            threshold (see `UPGrad`).
         max_iterations: cap on projected-gradient steps (default 500).
 
     Reference: P. Quinton, V. Rey, "Jacobian Descent for Multi-Objective Optimization",
@@ -106,7 +128,5 @@ class DualProj(_DualConeProjection):
     """
 
     def gramian_weights(self, gramian, losses):
-        g = _prepared_gramian(gramian, self.norm_eps, self.reg_eps)
-        lower = self._preference()[None, :]
-        w = solvers.box_qp(g, lower, max_iterations=self.max_iterations)
+        w = self._projections(gramian, self._preference()[None, :])
         return tf.cast(w[0], gramian.dtype)

@@ -17,9 +17,12 @@ class FairGrad(GramianWeighting):
     (Nash-MTL's condition, without its normalisation and clipping); alpha -> infinity
     approaches max-min fairness. The condition is the stationarity condition of the
     strictly convex (1/2) w^T G w - sum_k h(w_k), h' = w^(-1/alpha), solved in-graph by
-    damped Newton to machine precision (`lossbalance.solvers.power_barrier_solve`). The
-    solution scales exactly with G (w(sG) = s^(-alpha/(1+alpha)) w(G)), so it is computed
-    on the normalised Gramian.
+    damped Newton to machine precision (`lossbalance.solvers.power_barrier_solve`), on the
+    cosines C (G = D C D, D the gradient norms): x = D w solves
+    (C x)_k = d_k^(1/alpha - 1) x_k^(-1/alpha), whose Newton systems do not degrade with
+    the tasks' scale ratio. For alpha = 1 the update's direction does not depend on the
+    tasks' scales (`scale_invariant`); for other alpha it does, by the method's
+    definition. A task with a zero gradient gets weight 0.
 
     Defaults: `alpha=1.0` (LibMTL's default; the paper tunes alpha per benchmark, e.g. 2
     on NYUv2). The authors call scipy's `least_squares` from 1/K on the host; this solver
@@ -32,13 +35,25 @@ class FairGrad(GramianWeighting):
     Reference: H. Ban, K. Ji, "Fair Resource Allocation in Multi-Task Learning", ICML 2024.
     """
 
+    non_conflicting = True  # (G w)_k = w_k^(-1/alpha) > 0
+
     def __init__(self, alpha=1.0, **kwargs):
         super().__init__(**kwargs)
         self.alpha = check_number("alpha", alpha, minimum=0.0, strict=True)
 
+    @property
+    def scale_invariant(self):
+        return self.alpha == 1.0
+
     def gramian_weights(self, gramian, losses):
-        w = solvers.power_barrier_solve(tf.cast(gramian, tf.float64), alpha=self.alpha)
-        return tf.cast(w, gramian.dtype)
+        # G w = w^(-1/alpha) with G = D C D is C x = d^(1/alpha - 1) x^(-1/alpha) for
+        # x = D w (each equation divided by d_k): solved on the cosines.
+        cosines, norms = solvers.cosine_gramian(gramian)
+        nonzero = norms > 0
+        coefficients = tf.where(
+            nonzero, tf.pow(tf.where(nonzero, norms, 1.0), 1.0 / self.alpha - 1.0), 1.0)
+        x = solvers.power_barrier_solve(cosines, alpha=self.alpha, coefficients=coefficients)
+        return tf.cast(solvers.divide_by_norms(tf.cast(x, tf.float64), norms), gramian.dtype)
 
     def get_config(self):
         return {**super().get_config(), "alpha": self.alpha}

@@ -60,6 +60,7 @@ class FAMO(LossWeighting):
     """
 
     uses_post_step_losses = True
+    scale_invariant = True  # balances log losses (up to epsilon in D_k)
 
     def __init__(self, learning_rate=0.025, gamma=1e-3, min_losses=None, epsilon=1e-8,
                  lr=None, **kwargs):

@@ -23,6 +23,7 @@ class _LogScalarisation(LossWeighting):
     """
 
     loss_floor = 0.0
+    scale_invariant = True  # L_k -> c L_k changes S by a constant or a constant factor
 
     def __init__(self, epsilon=1e-20, **kwargs):
         super().__init__(**kwargs)

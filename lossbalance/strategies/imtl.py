@@ -13,15 +13,17 @@ def imtl_g_weights(gramian):
 
     For linearly independent gradients this is the paper's closed form: the combination
     g = J^T w with sum_k w_k = 1 whose projection on every unit gradient u_k is the same,
-    u_k . g = (G w)_k / |g_k| = 1 / (1^T G^+ d). The pseudo-inverse (eigenvalues under
-    K eps(dtype) lambda_max dropped) keeps it defined when the gradients are linearly
-    dependent; if 1^T G^+ d vanishes (e.g. two opposite gradients) the weights are zero.
+    u_k . g = (G w)_k / |g_k| = 1 / (1^T G^+ d). It is computed on the cosines: with
+    G = D C D, G^+ d = D^-1 C^+ 1, so w ∝ D^-1 C^+ 1 whatever the tasks' scales (a
+    pseudo-inverse of G itself would drop the small task's direction: G's condition number
+    is the square of the gradients' scale ratio). Dependent directions are cut on C
+    (`lossbalance.solvers.cosine_pinv`). A task with a zero gradient gets weight 0; if
+    1^T D^-1 C^+ 1 vanishes (e.g. two opposite gradients) every weight is zero.
     """
-    g, dtype = tf.cast(gramian, tf.float64), tf.as_dtype(gramian.dtype)
-    normalized, _ = solvers.normalize_gramian(g)
-    norms = tf.sqrt(tf.maximum(tf.linalg.diag_part(normalized), 0.0))
-    rcond = solvers._eps(dtype) * int(normalized.shape[0] or 1)
-    v = tf.linalg.matvec(tf.cast(solvers.psd_pinv(normalized, rcond=rcond), tf.float64), norms)
+    cosines, norms = solvers.cosine_gramian(gramian)
+    k = tf.shape(cosines)[0]
+    v = tf.linalg.matvec(solvers.cosine_pinv(cosines), tf.ones([k], tf.float64))
+    v = solvers.divide_by_norms(v, norms)
     total = tf.reduce_sum(v)
     ok = tf.abs(total) > 1e-12 * tf.reduce_sum(tf.abs(v)) + 1e-300
     return tf.where(ok, v / tf.where(ok, total, 1.0), tf.zeros_like(v))
@@ -35,13 +37,23 @@ class IMTLG(GramianWeighting):
     such that g . u_k is equal for every unit gradient u_k = g_k / |g_k|. The paper solves
     it on differences, alpha_{2..K} = g_1 U^T (D U^T)^-1 with D = [g_1 - g_k], U = [u_1 - u_k];
     equivalently (TorchJD's form, used here) w = G^+ d / (1^T G^+ d) with d_k = |g_k|,
-    computed on the Gramian alone. The pseudo-inverse makes it robust to linearly
-    dependent gradients (where the paper's inverse fails); weights are zero when the
-    normalising sum vanishes. Weights sum to 1 (a mean-like scale, not a sum).
+    computed on the Gramian alone, and on its cosines (w ∝ D^-1 C^+ 1 with D the gradient
+    norms), so the small task keeps its whole direction when the tasks' gradients differ
+    by orders of magnitude: its weight is about the large task's times their norm ratio,
+    and the update's projections on both are equal. The pseudo-inverse makes it robust to
+    linearly dependent gradients (where the paper's inverse fails); directions count as
+    dependent when C's eigenvalue is under K eps(float32) times its largest (TorchJD cuts
+    G's at a fraction of G's largest, which at a scale ratio of 1e4 in float32 drops the
+    small task's direction and gives it weight ~0). Weights are zero when the normalising
+    sum vanishes, and sum to 1 otherwise (a mean-like scale, not a sum). The direction
+    does not depend on the tasks' scales (`scale_invariant`), except for its sign when
+    1^T D^-1 C^+ 1 changes sign (possible for K >= 3 strongly conflicting tasks).
 
     Reference: L. Liu, Y. Li, Z. Kuang, J.-H. Xue, Y. Chen, W. Yang, Q. Liao, W. Zhang,
     "Towards Impartial Multi-task Learning", ICLR 2021.
     """
+
+    scale_invariant = True
 
     def gramian_weights(self, gramian, losses):
         return tf.cast(imtl_g_weights(gramian), gramian.dtype)

@@ -56,6 +56,18 @@ class MGDA(GramianWeighting):
                                            integer=True)
 
     @property
+    def non_conflicting(self):
+        # (G w)_k >= w^T G w >= 0 for the min-norm point of the gradients themselves, and
+        # of the normalised ones when the weights go to them; "loss" normalisers need
+        # positive losses, which the other strategies' floors do not ask of MGDA.
+        return self.normalization == "none" or (self.weights_on == "normalized"
+                                                and self.normalization == "l2")
+
+    @property
+    def scale_invariant(self):
+        return self.normalization == "l2" and self.weights_on == "normalized"
+
+    @property
     def uses_losses(self):
         return self.normalization in ("loss", "loss+")
 

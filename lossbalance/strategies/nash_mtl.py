@@ -15,7 +15,12 @@ class NashMTL(GramianWeighting):
     weights solve (G a)_k = 1 / a_k for every task, i.e. each task's share g_k . J^T a
     equals 1 / a_k. This is the stationarity condition of the strictly convex
     (1/2) a^T G a - sum_k log a_k, solved here exactly in-graph by damped Newton
-    (`lossbalance.solvers.power_barrier_solve` with alpha = 1).
+    (`lossbalance.solvers.power_barrier_solve` with alpha = 1) on the cosines: with
+    G = D C D (D the gradient norms), a = D^-1 b where C b = 1/b. So every task's share of
+    the update is exact whatever the tasks' scales, and the update's direction J^T a =
+    sum_k b_k g_k / |g_k| does not depend on them (`scale_invariant`): a task whose
+    gradient is 1e4 times smaller gets a 1e4 times larger weight. A task with a zero
+    gradient gets weight 0 (the equation has no solution for it).
 
     Conventions, following the authors' code: the Gramian is divided by its Frobenius norm
     n before solving and the weights used as found, so a = sqrt(n) a*, a* the exact
@@ -38,6 +43,9 @@ class NashMTL(GramianWeighting):
     E. Fetaya, "Multi-Task Learning as a Bargaining Game", ICML 2022.
     """
 
+    non_conflicting = True  # (G a)_k = 1 / a_k > 0
+    scale_invariant = True
+
     def __init__(self, update_weights_every=1, max_norm=1.0, **kwargs):
         super().__init__(**kwargs)
         self.update_weights_every = check_number(
@@ -53,11 +61,13 @@ class NashMTL(GramianWeighting):
                                               aggregation="only_first_replica")
 
     def _solve(self, gramian):
+        # G a = 1/a with G = D C D is C b = 1/b for b = D a: solved on the cosines, so
+        # the answer is as exact whatever the tasks' scales.
+        cosines, norms = solvers.cosine_gramian(gramian)
+        b = tf.cast(solvers.power_barrier_solve(cosines, alpha=1.0), tf.float64)
         g = tf.cast(gramian, tf.float64)
-        g = tf.where(tf.math.is_finite(g), g, tf.zeros_like(g))
-        a = tf.cast(solvers.power_barrier_solve(g, alpha=1.0), tf.float64)
-        frobenius = tf.norm(g)
-        return a * tf.sqrt(frobenius)
+        frobenius = tf.norm(tf.where(tf.math.is_finite(g), g, tf.zeros_like(g)))
+        return solvers.divide_by_norms(b, norms) * tf.sqrt(frobenius)
 
     def gramian_weights(self, gramian, losses):
         refresh = tf.equal(self.step % self.update_weights_every, 0)

@@ -73,6 +73,10 @@ class SmoothTchebycheff(LossWeighting):
         self.epsilon = check_number("epsilon", epsilon, minimum=0.0, strict=True)
 
     @property
+    def scale_invariant(self):
+        return self.log_losses  # log(c L_k / (c n_k)) = log(L_k / n_k)
+
+    @property
     def stch_start_epoch(self) -> int:
         """Index of the first epoch that uses the smooth Tchebycheff objective."""
         return self.warmup_epochs + (1 if self.normalize else 0)

@@ -121,6 +121,17 @@ def test_uncertainty_own_optimizer_tracks_the_optimum_the_models_does_not():
     assert not own.log_variance.trainable and paper.log_variance.trainable
 
 
+def test_uncertainty_starts_a_task_without_optimum_at_zero():
+    """A first loss <= 0 has no optimum (the objective falls without bound): s = 0 there,
+    as in the paper's start, rather than the log of a clamp (a weight of ~1e20)."""
+    strategy = UncertaintyWeighting()
+    strategy.bind(["a", "b", "c"])
+    weights = strategy.loss_weights(tf.constant([2.0, -1.0, 0.0]))
+    np.testing.assert_allclose(strategy.log_variance.numpy(), [np.log(2.0), 0.0, 0.0],
+                               rtol=1e-6)
+    np.testing.assert_allclose(weights.numpy(), [0.25, 0.5, 0.5], rtol=1e-6)
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"initial_log_variance": "auto"}, ValueError, "`initial_log_variance` must be a number"),
     ({"initial_log_variance": float("nan")}, ValueError, "initial_log_variance"),

@@ -14,8 +14,8 @@ FORMS = ("regression", "classification")
 _FORM_SCALE = {"regression": 0.5, "classification": 1.0}
 #: `initial_log_variance` value that starts every s_k at its optimum for the first batch.
 FIRST_BATCH = "first_batch"
-# The smallest loss whose logarithm the first-batch start takes (a loss of exactly 0 would
-# give s = -inf; a negative one stops `fit`, see `check_losses`); as STCH's epsilon.
+# The smallest loss whose logarithm the first-batch start takes (guards the log of the
+# branch `tf.where` leaves out); as STCH's epsilon.
 _TINY_LOSS = 1e-20
 
 
@@ -92,8 +92,9 @@ class UncertaintyWeighting(LossWeighting):
         forms: "regression" or "classification", for all tasks, as a list in task order, or
             a dict by task name (missing tasks take "regression").
         initial_log_variance: "first_batch" (default: every s_k starts at its optimum for
-            the first training batch), or a number, the starting s_k of every task (the
-            paper: 0, i.e. sigma = 1).
+            the first training batch; a task whose first loss is <= 0, for which no optimum
+            exists, at 0), or a number, the starting s_k of every task (the paper: 0, i.e.
+            sigma = 1).
         learning_rate: None (default: s is a trainable variable of the model, updated by
             the model's optimizer with the network, as in the paper), or the learning rate
             (> 0) of the strategy's own optimizer for s.
@@ -185,7 +186,9 @@ class UncertaintyWeighting(LossWeighting):
         s = tf.cast(self.log_variance, losses.dtype)
         total = tf.cast(global_losses(losses, owner=self), losses.dtype)
         scales = tf.cast(self._scales, losses.dtype)
-        optimum = tf.math.log(tf.maximum(2.0 * scales * total, _TINY_LOSS))
+        # a loss <= 0 has no optimum (the method needs L > 0): that task starts at s = 0
+        optimum = tf.where(total > 0, tf.math.log(tf.maximum(2.0 * scales * total,
+                                                            _TINY_LOSS)), 0.0)
         # the variable's branch keeps its gradient for the model's optimizer; at the first
         # step s is at the batch optimum, where that gradient is 0 anyway
         return tf.where(tf.cast(self.started, tf.bool), s, optimum), total

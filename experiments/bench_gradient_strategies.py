@@ -21,8 +21,8 @@ Dense(4), batch 256; "conv", 32x32x3 inputs, Conv(16) -> Conv(32, stride 2) -> C
 stride 2) -> global average pooling -> Dense(128), the same heads, batch 64. Heads alternate
 between 4-class cross-entropy and MSE.
 
-Part 2 times the strategies' weight solvers alone on a 40 x 40 Gramian (the compiled
-`gramian_weights` as a graph and with XLA, median of many calls).
+Part 2 times the strategies' weight solvers alone on a K x K Gramian (`--solver-tasks`, 40 by
+default; the compiled `gramian_weights` as a graph and with XLA, median of many calls).
 
 Targets: representation level <= 1.3x plain Keras for K <= 8 and <= 2x at K = 32; parameter
 level, on the MLP, <= 1.5x at K = 2 and <= 2.8x at K = 8; each solver under 2 ms. A cell is
@@ -185,7 +185,7 @@ def solver_times(names, num_tasks=40, repeats=30, batch=10, seed=0):
     for _ in range(batch):
         jacobian = (rng.normal(size=(num_tasks, 1000))
                     * rng.uniform(0.1, 10, size=(num_tasks, 1)))
-        gramians.append(tf.constant(jacobian @ jacobian.T, tf.float32))
+        gramians.append(tf.constant(jacobian @ jacobian.T, tf.float64))  # as the step
     losses = tf.constant(rng.uniform(0.5, 2.0, num_tasks), tf.float32)
     result = {}
     for name in names:
@@ -232,6 +232,8 @@ def main(argv=None):
                         help="also measure peak memory (one fresh process per configuration)")
     parser.add_argument("--solvers", nargs="*", default=SOLVERS,
                         help="strategies whose solver is timed on a 40 x 40 Gramian")
+    parser.add_argument("--solver-tasks", type=int, default=40,
+                        help="K of the Gramians the solvers are timed on (default 40)")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: mlp, K=2, XLA off, 2 rounds of 2 steps, "
                              "2 solver calls each")
@@ -251,6 +253,7 @@ def main(argv=None):
         args.trunks, args.tasks, args.xla = ["mlp"], [2], ["off"]
         args.rounds, args.steps, args.warmup, args.solvers = 2, 2, 1, args.solvers[:2]
     solver_calls = {"repeats": 2, "batch": 1} if args.quick else {}
+    solver_calls["num_tasks"] = args.solver_tasks
 
     device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
     print(f"Step {args.clock} time of `{args.strategy}` as a ratio to plain Keras with the "
@@ -278,13 +281,16 @@ def main(argv=None):
                 print(line, flush=True)
     if args.solvers:
         times = solver_times(args.solvers, **solver_calls)
-        print(f"\nWeight solver time on a 40 x 40 Gramian (median ms per Gramian; target "
+        k = args.solver_tasks
+        print(f"\nWeight solver time on a {k} x {k} Gramian (median ms per Gramian; target "
               f"< {SOLVER_TARGET_MS} ms; * marks what BalancedModel runs when the step is "
               "not compiled; a compiled step runs XLA)\n")
         print("| strategy | graph ms | XLA ms |")
         print("|---|---|---|")
         for name, (graph, xla) in times.items():
-            compiled = lossbalance.strategies.get(name).compile_solver
+            strategy = lossbalance.strategies.get(name)
+            strategy.bind([f"t{k}" for k in range(args.solver_tasks)])
+            compiled = strategy.compiles_solver()
             used = xla if compiled else graph
             mark = " (over)" if used > SOLVER_TARGET_MS else ""
             cells = [f"{graph:.3f}", f"{xla:.3f}"]

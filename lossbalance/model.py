@@ -81,7 +81,8 @@ class _GradientLevel:
         self.loop_reason = None
         self.trunk_ids = None
         self.gramian_weights = getattr(strategy, "gramian_weights", None)
-        if getattr(strategy, "compile_solver", False):
+        if strategy is not None and strategy.family == "gramian" and \
+                strategy.compiles_solver():
             self.gramian_weights = tf.function(strategy.gramian_weights, jit_compile=True,
                                                autograph=False)
 

@@ -235,11 +235,17 @@ class GramianWeighting(Strategy):
     """
 
     family = "gramian"
-    #: Whether `BalancedModel` compiles `gramian_weights` with XLA even in a step that is
-    #: not: worth it for solvers that loop many times over tiny K-vectors (a graph pays an
-    #: executor round trip per op and iteration), not for those built on `tf.linalg`
-    #: decompositions, which XLA runs much slower than TensorFlow's kernels on CPU.
-    compile_solver = False
+    #: Up to how many tasks `BalancedModel` compiles `gramian_weights` with XLA even in a
+    #: step that is not (None: any number, 0: never). A graph pays an executor round trip
+    #: per op and loop iteration, which dominates the tiny K x K problems (XLA is 2-7x
+    #: faster at K <= 8); XLA's CPU kernels for decompositions and solves (eigh, SVD, LU)
+    #: are slower than TensorFlow's for larger K (up to 30x at K = 40). Loop-heavy solvers
+    #: whose XLA form wins at every K set None. `bench_gradient_strategies.py --solvers`.
+    xla_max_tasks: int | None = 8
+
+    def compiles_solver(self) -> bool:
+        """Whether `BalancedModel` compiles this bound strategy's solver with XLA."""
+        return self.xla_max_tasks is None or self.num_tasks <= self.xla_max_tasks
 
     def gramian_weights(self, gramian: tf.Tensor, losses: tf.Tensor) -> tf.Tensor:
         """(K, K) Gramian and (K,) losses -> (K,) weights."""

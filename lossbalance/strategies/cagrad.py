@@ -46,7 +46,7 @@ class CAGrad(GramianWeighting):
     for Multi-task Learning", NeurIPS 2021.
     """
 
-    compile_solver = True  # a loop of small steps (see GramianWeighting)
+    xla_max_tasks = None  # a loop of small steps: XLA wins at every K (see GramianWeighting)
 
     def __init__(self, c=0.4, rescale=True, max_iterations=500, **kwargs):
         super().__init__(**kwargs)

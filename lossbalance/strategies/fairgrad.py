@@ -36,6 +36,7 @@ class FairGrad(GramianWeighting):
     """
 
     non_conflicting = True  # (G w)_k = w_k^(-1/alpha) > 0
+    xla_max_tasks = None  # Newton's loop of small steps: XLA wins at every K
 
     def __init__(self, alpha=1.0, **kwargs):
         super().__init__(**kwargs)

@@ -45,7 +45,7 @@ class MGDA(GramianWeighting):
     multiobjective optimization", C. R. Math. 2012.
     """
 
-    compile_solver = True  # a loop of small steps (see GramianWeighting)
+    xla_max_tasks = 16  # Wolfe's loop of small solves (see GramianWeighting)
 
     def __init__(self, normalization="none", weights_on="original", max_iterations=1000,
                  **kwargs):

@@ -44,6 +44,7 @@ class NashMTL(GramianWeighting):
     """
 
     non_conflicting = True  # (G a)_k = 1 / a_k > 0
+    xla_max_tasks = None  # Newton's loop of small steps: XLA wins at every K
     scale_invariant = True
 
     def __init__(self, update_weights_every=1, max_norm=1.0, **kwargs):

@@ -53,8 +53,10 @@ X1_SLACK = 0.05
 
 
 def toy_losses(x):
-    """(L1, L2) at x (shape (..., 2)); L1 includes the 0.1 scale. Works on TF or numpy."""
-    x = tf.convert_to_tensor(x, tf.float32)
+    """(L1, L2) at x (shape (..., 2)); L1 includes the 0.1 scale. Works on TF or numpy, in
+    float32, or in float64 for float64 input."""
+    x = tf.convert_to_tensor(x)
+    x = tf.cast(x, tf.float64 if x.dtype == tf.float64 else tf.float32)
     x1, x2 = x[..., 0], x[..., 1]
     f1 = tf.math.log(tf.maximum(tf.abs(0.5 * (-x1 - 7.0) - tf.tanh(-x2)), 5e-6)) + 6.0
     f2 = tf.math.log(tf.maximum(tf.abs(0.5 * (-x1 + 3.0) + tf.tanh(-x2) + 2.0), 5e-6)) + 6.0
@@ -73,6 +75,64 @@ def task_gradients(point):
     grads = np.stack([tape.gradient(l1, x).numpy(), tape.gradient(l2, x).numpy()])
     del tape
     return grads
+
+
+def reference_path(weights_of, start, steps=STEPS, learning_rate=LEARNING_RATE,
+                   epsilon=1e-7):
+    """A gradient strategy's definition integrated in float64: x <- x - Adam(J(x)^T w),
+    with w = `weights_of(J)` for the (2, 2) float64 Jacobian of the task losses (TF ops),
+    and Keras' Adam (beta 0.9 / 0.999, `epsilon` 1e-7) as the toy runs use. Returns the
+    (steps + 1, 2) path. The reference against which the toy's float32 runs are checked."""
+
+    @tf.function(autograph=False)
+    def run(x0):
+        def step(t, x, m, v, path):
+            with tf.GradientTape(persistent=True) as tape:
+                tape.watch(x)
+                l1, l2 = toy_losses(x)
+            jacobian = tf.stack([tape.gradient(l1, x), tape.gradient(l2, x)])
+            g = tf.linalg.matvec(jacobian, weights_of(jacobian), transpose_a=True)
+            t = t + 1.0
+            m = m + (g - m) * 0.1
+            v = v + (g * g - v) * 0.001
+            alpha = learning_rate * tf.sqrt(1.0 - 0.999 ** t) / (1.0 - 0.9 ** t)
+            x = x - alpha * m / (tf.sqrt(v) + epsilon)
+            return t, x, m, v, path.write(tf.cast(t, tf.int32), x)
+
+        zeros = tf.zeros([2], tf.float64)
+        path = tf.TensorArray(tf.float64, size=steps + 1).write(0, x0)
+        *_, path = tf.while_loop(lambda t, *_: t < steps, step,
+                                 (tf.constant(0.0, tf.float64), x0, zeros, zeros, path))
+        return path.stack()
+
+    return run(tf.constant(start, tf.float64)).numpy()
+
+
+def _imtl_g_two_tasks(jacobian):
+    """IMTL-G's closed form for two tasks: equal projections <=> w_k ∝ 1 / |g_k|."""
+    inverse = 1.0 / tf.norm(jacobian, axis=1)
+    return inverse / tf.reduce_sum(inverse)
+
+
+#: Float64 definitions of some strategies on the toy's two tasks, for `reference_path`.
+REFERENCE_WEIGHTS = {
+    "imtl_g": _imtl_g_two_tasks,
+    "mean": lambda jacobian: tf.constant([0.5, 0.5], tf.float64),
+}
+
+
+def compare_with_reference(name, steps=STEPS, starts=STARTS):
+    """For every start: the end point of `name` trained by the toy's float32 model, and of
+    its float64 definition integrated with the same Adam (`reference_path`)."""
+    trainer = _Trainer(name, seed=0, eager=False)
+    rows = []
+    for start in starts:
+        run = trainer.train(start, steps)
+        reference = reference_path(REFERENCE_WEIGHTS[name], start, steps)[-1]
+        rows.append({"start": tuple(start), "model": np.array(run["final"]),
+                     "reference": reference, "model_reached": run["reached"],
+                     "reference_reached": reached_pareto_set(reference)})
+    return rows
 
 
 def min_norm_combination(g1, g2):
@@ -352,3 +412,29 @@ class ToyBenchmark:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path
+
+
+def main(argv=None):
+    """`python -m experiments.toy --reference imtl_g [--steps N]`: the model's end points
+    against the float64 definition's, from every start."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m experiments.toy")
+    parser.add_argument("--reference", choices=sorted(REFERENCE_WEIGHTS), default="imtl_g")
+    parser.add_argument("--steps", type=int, default=STEPS)
+    args = parser.parse_args(argv)
+    print(f"{args.reference}, {args.steps} Adam steps: end points (reached the Pareto set?)")
+    print("| start | float32 model | float64 definition | distance |")
+    print("|---|---|---|---|")
+    for row in compare_with_reference(args.reference, args.steps):
+        model, reference = row["model"], row["reference"]
+        print(f"| {row['start']} | ({model[0]:.3f}, {model[1]:.3f}) {row['model_reached']} "
+              f"| ({reference[0]:.3f}, {reference[1]:.3f}) {row['reference_reached']} "
+              f"| {np.abs(model - reference).max():.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

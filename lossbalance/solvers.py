@@ -46,9 +46,13 @@ _F64 = tf.float64
 TINY = 1e-300
 #: The relative precision of the task gradients: float32's, at which training steps compute
 #: them (float64 Jacobians given to the low-level API are held to the same rule, so that
-#: both give one answer). Eigenvalues of the cosine matrix C (K x K, largest <= K) under
-#: K * GRADIENT_EPS times the largest count as dependent directions: numpy's `pinv` rule,
-#: applied to the scale-free C instead of G.
+#: both give one answer). The unit gradients U (C = U U^T) are known to about this, so a
+#: singular value of U under K * GRADIENT_EPS times the largest (an eigenvalue of C under
+#: (K * GRADIENT_EPS)^2 times the largest) is a direction the gradients cannot resolve:
+#: numpy's `pinv` rule, applied to the scale-free U instead of J. Anything larger is kept:
+#: two gradients within 1e-3 rad of opposite are still two directions (a cut at
+#: K * GRADIENT_EPS on C's eigenvalues would merge them, and stall IMTL-G near the Pareto
+#: set). The float64 Gramian and combination keep such directions exact.
 GRADIENT_EPS = float(np.finfo(np.float32).eps)
 
 
@@ -109,14 +113,14 @@ def _cosine_eigh(c):
     """Eigenpairs of the cosine matrix C and which of them are kept (see GRADIENT_EPS)."""
     values, vectors = tf.linalg.eigh(c)
     k = tf.cast(tf.shape(c)[0], _F64)
-    keep = values > k * GRADIENT_EPS * tf.reduce_max(values)
+    keep = values > (k * GRADIENT_EPS) ** 2 * tf.reduce_max(values)
     return values, vectors, keep
 
 
 def cosine_pinv(cosines):
-    """Pseudo-inverse of a cosine matrix C (float64): eigenvalues under K * GRADIENT_EPS
-    times the largest are dropped, so only directions that the gradients' precision
-    resolves are inverted."""
+    """Pseudo-inverse of a cosine matrix C (float64): eigenvalues under
+    (K * GRADIENT_EPS)^2 times the largest are dropped, so only directions that the
+    gradients' precision resolves are inverted."""
     values, vectors, keep = _cosine_eigh(cosines)
     inverse = tf.where(keep, 1.0 / tf.where(keep, values, 1.0), 0.0)
     return tf.matmul(vectors * inverse[None, :], vectors, transpose_b=True)

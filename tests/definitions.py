@@ -16,8 +16,9 @@ import itertools
 import numpy as np
 from scipy import optimize
 
-#: Directions are treated as dependent when the cosine matrix's eigenvalue falls under
-#: K times this times its largest (the rank decision made on a scale-free quantity).
+#: Directions are treated as dependent when a singular value of the unit rows U falls
+#: under K times this times the largest (the rank decision made on a scale-free quantity,
+#: at the gradients' float32 precision).
 RANK_TOLERANCE = np.finfo(np.float32).eps
 
 
@@ -33,7 +34,7 @@ def cosine_pinv(u, rank_tolerance=RANK_TOLERANCE):
     """The pseudo-inverse of C = U U^T, from the SVD of U (eigenvalues of C under
     `rank_tolerance` times the largest dropped)."""
     left, s, _ = np.linalg.svd(u, full_matrices=False)
-    keep = s ** 2 > rank_tolerance * len(u) * s.max() ** 2
+    keep = s > rank_tolerance * len(u) * s.max()
     return (left[:, keep] / s[keep] ** 2) @ left[:, keep].T
 
 
@@ -181,13 +182,13 @@ def fairgrad(j, alpha=1.0):
 
 def aligned_mtl(j, scale_mode="min", preference="sum"):
     """w = sqrt(sigma) G^(-1/2) p on the rank of the rows: the rank is decided on the unit
-    rows U (singular values of U under sqrt(K eps32) of the largest dropped), and G^(-1/2)
+    rows U (singular values of U under K eps32 of the largest dropped), and G^(-1/2)
     taken from the SVD of J's projection on what is kept, D U_r = V S W^T:
     G_r^(+1/2) = V S^-1 V^T."""
     k = len(j)
     u, d = unit_rows(j)
     a, s_unit, bt = np.linalg.svd(u, full_matrices=False)
-    rank = int(np.sum(s_unit ** 2 > RANK_TOLERANCE * k * s_unit.max() ** 2))
+    rank = int(np.sum(s_unit > RANK_TOLERANCE * k * s_unit.max()))
     kept = d[:, None] * ((a[:, :rank] * s_unit[:rank]) @ bt[:rank])
     left, s, _ = np.linalg.svd(kept, full_matrices=False)
     left, s = left[:, :rank], s[:rank]

@@ -31,8 +31,8 @@ class AlignedMTL(GramianWeighting):
 
     Which eigenpairs are kept (`truncation`): by default ("cosine") the rank is decided on
     the cosine matrix C (G = D C D, D the gradient norms): directions count as dependent
-    when C's eigenvalue is under K eps(float32) times its largest, whatever the tasks'
-    scales; G's eigenpairs are then found on that range from the SVD of a graded factor
+    when C's eigenvalue is under (K eps(float32))^2 times its largest (directions the
+    gradients' precision cannot resolve), whatever the tasks' scales; G's eigenpairs are then found on that range from the SVD of a graded factor
     (`lossbalance.solvers.graded_eigh`), each eigenvalue to its own relative precision.
     The authors' code ("gramian") drops G's eigenvalues under lambda_max K eps(float32):
     at a scale ratio of 1e4 between two tasks, G's small eigenvalue is ~1e-8 lambda_max,

@@ -23,8 +23,8 @@ class ConFIG(GramianWeighting):
     pseudo-inverse through least squares) as in TorchJD's `ConFIG`; the preference only
     sets which cosines are equal, and the sum of projections sets the length, so the update
     has the scale of a *sum* of gradients. The pseudo-inverse drops eigenvalues of C under
-    K eps(float32) times the largest, whatever the gradients' scales (the direction does
-    not depend on them). The momentum variant (M-ConFIG) needs per-parameter state and is
+    (K eps(float32))^2 times the largest (directions the gradients' precision cannot
+    resolve), whatever the gradients' scales (the direction does not depend on them). The momentum variant (M-ConFIG) needs per-parameter state and is
     not provided.
 
     Reference: Q. Liu, M. Chu, N. Thuerey, "ConFIG: Towards Conflict-free Training of

@@ -42,9 +42,10 @@ class IMTLG(GramianWeighting):
     by orders of magnitude: its weight is about the large task's times their norm ratio,
     and the update's projections on both are equal. The pseudo-inverse makes it robust to
     linearly dependent gradients (where the paper's inverse fails); directions count as
-    dependent when C's eigenvalue is under K eps(float32) times its largest (TorchJD cuts
-    G's at a fraction of G's largest, which at a scale ratio of 1e4 in float32 drops the
-    small task's direction and gives it weight ~0). Weights are zero when the normalising
+    dependent when C's eigenvalue is under (K eps(float32))^2 times its largest, i.e. when
+    the gradients' own precision cannot resolve them (`lossbalance.solvers.GRADIENT_EPS`).
+    TorchJD cuts G's eigenvalues at K eps(dtype) times G's largest, which at a scale ratio
+    of 1e4 in float32 drops the small task's direction and gives it weight ~0. Weights are zero when the normalising
     sum vanishes, and sum to 1 otherwise (a mean-like scale, not a sum). The direction
     does not depend on the tasks' scales (`scale_invariant`), except for its sign when
     1^T D^-1 C^+ 1 changes sign (possible for K >= 3 strongly conflicting tasks).

@@ -39,7 +39,7 @@ def test_custom_strategy_example_registers_and_weights():
 def test_low_level_api_example_prints_what_the_readme_says(capsys):
     exec(compile(_block_after("### Low-level API"), "README low-level API", "exec"), {})
     printed = capsys.readouterr().out.strip()
-    assert printed == "[0.2929 1.9004 1.9004] [0.6 0.4]"
+    assert printed == "[0.2924 1.9006 1.9006] [0.6 0.4]"
     assert f"prints `{printed}`" in README
 
 
@@ -55,3 +55,17 @@ def test_readme_strategy_table_lists_every_registered_strategy():
     for alias, name in lossbalance.strategies.aliases().items():
         if name in ours:
             assert f"`{alias}`" in table, (alias, name)
+
+
+def test_readme_task_scales_column_matches_the_strategies():
+    """The strategies table's "task scales" column says what `scale_invariant` declares
+    (the property that tests/test_scales.py checks)."""
+    table = README[README.index("## Strategies"):README.index("## How it works")]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        for name in re.findall(r"`(\w+)`", cells[0]):
+            if name in lossbalance.strategies.available() and \
+                    name not in lossbalance.strategies.aliases():
+                declared = lossbalance.strategies.get(name).scale_invariant
+                assert cells[3].startswith("invariant") == declared, (name, cells[3])

@@ -215,7 +215,7 @@ class _Trainer:
                       loss={task: _identity_loss for task in TASKS},
                       strategy=lossbalance.strategies.get(self.strategy_spec),
                       run_eagerly=self.eager)
-        if getattr(model.strategy, "needs_parameter_state", False):
+        if model.strategy.needs_parameter_state:
             model.strategy.build_parameter_state(2)  # x is the only (shared) parameter
         model.optimizer.build(model.trainable_variables)
         self.model, self.x = model, model.get_layer("point").x

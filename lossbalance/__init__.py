@@ -5,10 +5,14 @@
                   "reg": "mse"}, strategy="pcgrad")
 """
 
-from lossbalance import solvers, strategies
-from lossbalance.aggregation import aggregate, aggregate_with_weights, task_weights
-from lossbalance.model import BalancedModel, FunctionalBalancedModel
-from lossbalance.representation import Representation
+from lossbalance import compat
+
+compat.check_versions()  # before anything else fails mid-training on an old Keras
+
+from lossbalance import solvers, strategies  # noqa: E402
+from lossbalance.aggregation import aggregate, aggregate_with_weights, task_weights  # noqa: E402
+from lossbalance.model import BalancedModel, FunctionalBalancedModel  # noqa: E402
+from lossbalance.representation import Representation  # noqa: E402
 
 __version__ = "0.1.0"
 

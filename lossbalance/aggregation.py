@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from lossbalance import strategies as _strategies
+from lossbalance.combination import combine, gramian_of, weights_and_direction
 
 
 def _resolve(strategy, num_tasks):
@@ -56,7 +57,7 @@ def _as_tensor(value, name):
 
 def _losses(strategy, losses, k, dtype):
     if losses is None:
-        if getattr(strategy, "uses_losses", False) or strategy.family == "loss":
+        if strategy.uses_losses or strategy.family == "loss":
             raise ValueError(
                 f"Strategy {strategy.name!r} needs the task losses: pass losses=[...].")
         return tf.ones([k], dtype)
@@ -74,17 +75,10 @@ def _cached(strategy, key, fn):
 
 
 def _direction_and_weights(strategy, jacobian, losses):
-    if strategy.family == "jacobian":
-        direction, weights = strategy.aggregate(jacobian, losses)
-        return tf.cast(direction, jacobian.dtype), tf.cast(weights, jacobian.dtype)
-    if strategy.family == "gramian":
-        rows = tf.cast(jacobian, tf.float64)  # exact products, as BalancedModel's Gramian
-        weights = strategy.gramian_weights(tf.matmul(rows, rows, transpose_b=True), losses)
-    else:
-        weights = strategy.loss_weights(losses)
-    # J^T w accumulated in float64, as BalancedModel does (see TaskGradients.combine).
-    direction = tf.linalg.matvec(tf.cast(jacobian, tf.float64), tf.cast(weights, tf.float64),
-                                 transpose_a=True)
+    weights, direction = weights_and_direction(
+        strategy, losses, gramian=lambda: gramian_of(jacobian), jacobian=lambda: jacobian)
+    if direction is None:
+        direction = combine(jacobian, weights)
     return tf.cast(direction, jacobian.dtype), tf.cast(weights, jacobian.dtype)
 
 
@@ -94,7 +88,7 @@ def aggregate_with_weights(strategy, jacobian, losses=None):
     k = jacobian.shape[0]
     strategy = _resolve(strategy, k)
     losses = _losses(strategy, losses, k, jacobian.dtype)
-    if getattr(strategy, "needs_parameter_state", False) and tf.executing_eagerly():
+    if strategy.needs_parameter_state and tf.executing_eagerly():
         strategy.build_parameter_state(jacobian.shape[1])
     if not tf.executing_eagerly():
         return _direction_and_weights(strategy, jacobian, losses)
@@ -149,9 +143,7 @@ def task_weights(strategy, jacobian=None, *, gramian=None, losses=None):
     losses = _losses(strategy, losses, k, gramian.dtype)
 
     def weights_of(g, l):
-        if strategy.family == "gramian":
-            return tf.cast(strategy.gramian_weights(g, l), g.dtype)
-        return tf.cast(strategy.loss_weights(l), g.dtype)
+        return tf.cast(weights_and_direction(strategy, l, gramian=lambda: g)[0], g.dtype)
 
     if not tf.executing_eagerly():
         return weights_of(gramian, losses)

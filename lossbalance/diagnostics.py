@@ -16,7 +16,9 @@ import numpy as np
 import tensorflow as tf
 
 from lossbalance import strategies as strategies_module
+from lossbalance.combination import combine, gramian_of, weights_and_direction
 from lossbalance.gradients import TaskGradients, task_gradients
+from lossbalance.levels.base import transformed_task_losses
 
 
 @dataclass
@@ -122,7 +124,6 @@ def inspect_batch(model, x, y, sample_weight=None, strategy=None) -> BatchInspec
 
     The model runs in inference mode (no dropout); nothing is trained.
     """
-    from lossbalance.model import _transformed_task_losses  # the training step's own rule
 
     model._require_compiled()
     if strategy is None:
@@ -138,23 +139,20 @@ def inspect_batch(model, x, y, sample_weight=None, strategy=None) -> BatchInspec
         with tf.GradientTape(persistent=True) as tape:
             y_pred = model(x, training=False)
             raw = model._task_losses(y, y_pred, sample_weight)
-            task_losses = _transformed_task_losses(strategy, model._task_losses.weighted(raw))
+            task_losses = transformed_task_losses(strategy, model._task_losses.weighted(raw))
             losses = tf.stack(task_losses)
         gradients = TaskGradients(task_gradients(tape, task_losses, variables), variables)
         del tape
         if not gradients.has_shared:
             raise ValueError("The tasks share no trainable variable: nothing to inspect.")
         jacobian = tf.cast(gradients.jacobian(), tf.float64)
-        gramian = tf.matmul(jacobian, jacobian, transpose_b=True)
-        if strategy.family == "loss":
-            weights = tf.cast(strategy.loss_weights(losses), tf.float64)
-            direction = tf.linalg.matvec(jacobian, weights, transpose_a=True)
-        elif strategy.family == "gramian":
-            weights = tf.cast(strategy.gramian_weights(gramian, losses), tf.float64)
-            direction = tf.linalg.matvec(jacobian, weights, transpose_a=True)
-        else:
-            direction, weights = strategy.aggregate(tf.cast(jacobian, losses.dtype), losses)
-            direction = tf.cast(direction, tf.float64)
+        gramian = gramian_of(jacobian)
+        weights, direction = weights_and_direction(
+            strategy, losses, gramian=lambda: gramian,
+            jacobian=lambda: tf.cast(jacobian, losses.dtype))
+        weights = tf.cast(weights, tf.float64)
+        direction = (combine(jacobian, weights) if direction is None
+                     else tf.cast(direction, tf.float64))
     finally:
         for variable, value in zip(state, saved):
             variable.assign(value)

@@ -67,9 +67,13 @@ class NonFiniteGuard:
         """Whether steps are checked at all (never when there is nothing to do)."""
         return self.mode is not None or self.loss_scaling
 
-    @staticmethod
-    def snapshot(variables):
-        return [tf.identity(v) for v in variables]
+    def snapshot(self, strategy):
+        """(the strategy's state variables, their values now), to restore after a step that
+        is not applied; None when steps are not checked."""
+        if not self.active:
+            return None
+        state = strategy.state_variables()
+        return state, [tf.identity(v) for v in state]
 
     def decide(self, raw_losses, grads, batch_size=1):
         """(apply the update?, keep the strategy state?, a true non-finite step?, which

@@ -8,92 +8,28 @@ how they (or their gradients) are combined before the optimizer update.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 import weakref
-from dataclasses import dataclass
 
 import keras
 import tensorflow as tf
-from keras.src.backend.tensorflow.trainer import _collective_all_reduce_multi_worker
-from keras.src.models.functional import Functional
-from keras.src.models.model import Trainer, functional_init_arguments
 
-from lossbalance import replicas, strategies
-from lossbalance.gradients import TaskGradients, count_shared_parameters, task_gradients
+from lossbalance import compat, replicas, strategies
 from lossbalance.guard import MODES as NONFINITE_MODES
 from lossbalance.guard import NonFiniteCallback, NonFiniteGuard, has_rows
+from lossbalance.levels import GRADIENT_LEVELS, make_level
+from lossbalance.levels.base import add, global_value, transformed_task_losses
+from lossbalance.levels.layer_norms import check_layer
 from lossbalance.metrics import ObjectiveMean, TaskMeans
-from lossbalance.representation import RepresentationError, RepresentationForward
 from lossbalance.tasks import TaskLosses
 
-
-def _unscale_for_distribution(value):
-    """Keras losses divide by the replica count; logs report the global value."""
-    count = replicas.num_replicas()
-    return value * count if count > 1 and value is not None else value
+__all__ = ["BalancedModel", "FunctionalBalancedModel", "GRADIENT_LEVELS"]
 
 
 def _batch_size(x):
     first = next(t for t in tf.nest.flatten(x) if t is not None)
     static = first.shape[0]
     return static if static is not None else tf.shape(first)[0]
-
-
-def _add(a, b):
-    if a is None:
-        return b
-    return a if b is None else a + b
-
-
-def _loops_upstream(tensor):
-    """Names of the loop operations (an RNN's, say) a graph tensor is computed from: while
-    loops, or the tensor lists they iterate over (under XLA the while op itself is hidden
-    in a function call)."""
-    seen, stack, loops = set(), [tensor.op], []
-    while stack:
-        op = stack.pop()
-        if op.name not in seen:
-            seen.add(op.name)
-            if op.type in ("While", "StatelessWhile") or op.type.startswith("TensorList"):
-                loops.append(op.name)
-            stack.extend(t.op for t in op.inputs)
-    return loops
-
-
-#: `compile(gradients=...)`: where gradient-level strategies balance the tasks.
-GRADIENT_LEVELS = ("parameters", "representation", "auto")
-
-
-class _GradientLevel:
-    """Plain holder (kept out of Keras' tracking) of the representation-level forward
-    pass, of which variables lie upstream of the representation (found once), and of the
-    Gramian strategy's weight solver (compiled with XLA where it says so).
-
-    With `vectorized`, the forward pass serves the parameter level (`vectorize=True`):
-    z is where the per-task cotangents enter the trunk. `loop_reason` says why the
-    trunk's per-task backward passes run as a loop instead, once that is known.
-    """
-
-    def __init__(self, forward, strategy=None, vectorized=False):
-        self.forward = forward
-        self.vectorized = vectorized
-        self.loop_reason = None
-        self.trunk_ids = None
-        self.gramian_weights = getattr(strategy, "gramian_weights", None)
-        if strategy is not None and strategy.family == "gramian" and \
-                strategy.compiles_solver():
-            self.gramian_weights = tf.function(strategy.gramian_weights, jit_compile=True,
-                                               autograph=False)
-
-
-@dataclass
-class _ScaledObjectives:
-    """What a gradient-level step differentiates, each scaled for mixed precision."""
-
-    tasks: list  # one scalar per task
-    other: object  # regularisation + strategy term, or None
-    own: object  # objective of the strategy's own trainable variables
 
 
 def _check_zero_loss_weights(task_losses, strategy):
@@ -106,27 +42,6 @@ def _check_zero_loss_weights(task_losses, strategy):
             "MGDA's update zero; a log of 0 or a ratio 0 / 0 makes weights infinite or NaN). "
             f"To leave a task untrained, give it no loss (compile(loss={{{zero[0]!r}: None, "
             "...}), and follow it with a metric); otherwise give it a positive weight.")
-
-
-def _transformed_task_losses(strategy, losses, separate=True):
-    """Each task's loss after `strategy.transform_losses`, as K tensors.
-
-    With `separate`, for per-task gradients: which variables a task's loss reaches decides
-    what is shared, and slicing one stacked vector would connect every task to every head
-    (with zero gradients), so task k's transform sees the other losses only through
-    `tf.stop_gradient` (K transforms). Without it (one gradient of a weighted sum), one
-    transform of the stacked losses. Computed inside the tape.
-    """
-    if type(strategy).transform_losses is strategies.Strategy.transform_losses:
-        return list(losses)
-    if not separate:
-        return tf.unstack(strategy.transform_losses(tf.stack(losses)))
-    transformed = []
-    for k in range(len(losses)):
-        isolated = tf.stack([loss if j == k else tf.stop_gradient(loss)
-                             for j, loss in enumerate(losses)])
-        transformed.append(strategy.transform_losses(isolated)[k])
-    return transformed
 
 
 @keras.saving.register_keras_serializable(package="lossbalance")
@@ -147,12 +62,13 @@ class BalancedModel(keras.Model):
     """
 
     def __new__(cls, *args, **kwargs):
-        if cls is BalancedModel and functional_init_arguments(args, kwargs):
+        if cls is BalancedModel and compat.functional_init_arguments(args, kwargs):
             return super().__new__(FunctionalBalancedModel, *args, **kwargs)
         return super().__new__(cls, *args, **kwargs)
 
     def __init__(self, *args, **kwargs):
-        if functional_init_arguments(args, kwargs) and not isinstance(self, Functional):
+        if compat.functional_init_arguments(args, kwargs) and \
+                not isinstance(self, compat.Functional):
             raise TypeError(
                 f"{type(self).__name__} passes `inputs` and `outputs` to BalancedModel from "
                 "a subclass. Either build the model directly with "
@@ -166,7 +82,7 @@ class BalancedModel(keras.Model):
         self._task_losses = None
         self._guard = None
         self._balancing_config = None
-        self._levels = _GradientLevel(None)
+        self._level = None  # a `lossbalance.levels.Level`, set by compile
 
     # -- compile -------------------------------------------------------------------------
 
@@ -236,8 +152,7 @@ class BalancedModel(keras.Model):
         strategy.bind(task_losses.names)
         self._check_strategy_fits(strategy)
         _check_zero_loss_weights(task_losses, strategy)
-        forward = self._representation_forward(strategy, task_losses, gradients,
-                                                representation, vectorize)
+        level = make_level(self, strategy, task_losses, gradients, representation, vectorize)
         if len(task_losses.tasks) == 1:
             warnings.warn(
                 f"BalancedModel has a single task ({task_losses.names[0]!r}): there is "
@@ -258,23 +173,23 @@ class BalancedModel(keras.Model):
         self._task_losses = task_losses
         guard = NonFiniteGuard(nonfinite, task_losses.names,
                                isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer))
-        with self._unlocked_state():
+        with compat.unlocked_tracking(self):
             for old in (getattr(self, "strategy", None),
                         getattr(self, "_skipped_steps_tracker", None),
                         getattr(self, "_task_loss_tracker", None),
                         getattr(self, "_task_weight_tracker", None)):
                 if old is not None and old is not strategy:
-                    self._tracker.untrack(old)
+                    compat.untrack(self, old)
             self.strategy = strategy
             strategy.__dict__["_lossbalance_model"] = weakref.ref(self)  # untracked
             self._loss_tracker = ObjectiveMean(name="loss")  # Keras lists it first, by name
-            self._tracker.untrack(self._loss_tracker)  # as Keras' own: not in `_metrics`
+            compat.untrack(self, self._loss_tracker)  # as Keras' own: not in `_metrics`
             self._task_loss_tracker = TaskMeans(task_losses.names, "_loss")
             self._task_weight_tracker = TaskMeans(task_losses.names, "_weight")
             self._skipped_steps_tracker = guard.skipped_steps
         self._guard = guard
-        # A plain attribute holder: the forward shares the model's layers, untracked.
-        self._levels = _GradientLevel(forward, strategy, vectorized=vectorize)
+        # A plain attribute, untracked: its forward pass shares the model's layers.
+        self.__dict__["_level"] = level
         self._balancing_config = {"loss": loss, "loss_weights": loss_weights,
                                   "strategy": strategy, "nonfinite": nonfinite,
                                   "gradients": gradients, "representation": representation,
@@ -284,71 +199,7 @@ class BalancedModel(keras.Model):
     def gradient_level(self) -> str | None:
         """"parameters" or "representation": where the compiled strategy balances the
         per-task gradients (None for loss-level strategies or before `compile`)."""
-        if self._task_losses is None or self.strategy.family == "loss" and not getattr(
-                self.strategy, "uses_layer_gradients", False):
-            return None
-        levels = self._levels
-        return ("parameters" if levels.forward is None or levels.vectorized
-                else "representation")
-
-    def _representation_forward(self, strategy, task_losses, gradients, representation,
-                                vectorize=False):
-        """The (z, outputs) forward pass for `gradients="representation"` or
-        `vectorize=True`, or None."""
-        name = strategy.registry_name or type(strategy).__name__
-        if vectorize not in (True, False):
-            raise ValueError(f"`vectorize` must be True or False; got {vectorize!r}.")
-        if vectorize:
-            return self._vectorizing_forward(name, strategy, task_losses, gradients,
-                                             representation)
-        if strategy.family == "loss":
-            if gradients == "representation":
-                raise ValueError(
-                    f"Strategy {name!r} weights the task losses and computes no per-task "
-                    "gradients, so gradients='representation' does not apply to it. Use a "
-                    "gradient-level strategy (e.g. 'mgda'), or leave `gradients` out.")
-            return None
-        if gradients == "parameters":
-            if representation is not None:
-                raise ValueError(
-                    f"representation={representation!r} is only used with "
-                    "gradients='representation' or 'auto', or with vectorize=True.")
-            return None
-        if "representation" not in strategy.gradient_levels:
-            if gradients == "auto":
-                return None
-            raise ValueError(
-                f"Strategy {name!r} is only defined at the parameter level (it keeps state "
-                "for every shared parameter); use gradients='parameters'.")
-        positions = [task.position for task in task_losses.tasks]
-        try:
-            return RepresentationForward(self, positions, representation)
-        except RepresentationError:
-            if gradients == "auto" and representation is None:
-                return None
-            raise
-
-    def _vectorizing_forward(self, name, strategy, task_losses, gradients, representation):
-        """The (z, outputs) forward pass for `vectorize=True`, once it is known to apply."""
-        if strategy.family == "loss":
-            raise ValueError(
-                f"vectorize=True vectorises per-task gradients, and strategy {name!r} "
-                "weights the task losses and computes none. Leave `vectorize` out, or use "
-                "a gradient-level strategy (e.g. 'mgda').")
-        if gradients != "parameters":
-            raise ValueError(
-                f"vectorize=True applies to gradients='parameters' (got {gradients!r}): "
-                "the representation level already takes a single backward pass through "
-                "the trunk. Pass gradients='parameters', or leave `vectorize` out.")
-        positions = [task.position for task in task_losses.tasks]
-        try:
-            return RepresentationForward(self, positions, representation)
-        except RepresentationError as err:
-            raise RepresentationError(
-                "vectorize=True sends the K per-task gradients through the trunk together "
-                "from the shared representation z where the heads branch, and this model "
-                f"has none usable: {err} (With vectorize=True: mark or name z; or else "
-                "compile with vectorize=False.)") from None
+        return None if self._level is None else self._level.name
 
     def _known_output_names(self):
         names = getattr(self, "output_names", None)
@@ -364,25 +215,7 @@ class BalancedModel(keras.Model):
                 "each model's steps changing the other's. Give each model its own strategy: "
                 "pass a name or a config dict (e.g. {'name': 'pcgrad', 'seed': 0}), which "
                 "makes a fresh one at every compile.")
-        layer = getattr(strategy, "layer", None)
-        if getattr(strategy, "uses_layer_gradients", False) and layer is not None:
-            names = [l.name for l in self._flatten_layers(include_self=False)]
-            if layer not in names:
-                raise ValueError(
-                    f"{type(strategy).__name__}(layer={layer!r}): the model has no layer "
-                    f"of that name. Its layers: {names}."
-                )
-
-    @contextlib.contextmanager
-    def _unlocked_state(self):
-        """Allow attaching the strategy and trackers to an already built model."""
-        was_locked = self._tracker.locked
-        self._tracker.unlock()
-        try:
-            yield
-        finally:
-            if was_locked:
-                self._tracker.lock()
+        check_layer(self, strategy)
 
     def get_compile_config(self):
         config = super().get_compile_config()
@@ -406,115 +239,64 @@ class BalancedModel(keras.Model):
                 "model.compile(optimizer=..., loss=..., strategy=...)."
             )
 
-    def _scales_loss(self):
-        opt = self.optimizer
-        return isinstance(opt, keras.optimizers.LossScaleOptimizer) or (
-            getattr(opt, "loss_scale_factor", None) is not None)
-
     def train_step(self, data):
         self._require_compiled()
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        strategy, guard = self.strategy, self._guard
-        self._build_parameter_state(x, y, sample_weight)  # before the snapshot covers it
-        if guard.active:  # strategy state is restored if the step is non-finite or empty
-            state = strategy.state_variables()
-            snapshot = guard.snapshot(state)
-
+        level = self._level
+        level.prepare(x, y, sample_weight)  # state sized by the batch, before the snapshot
+        snapshot = self._guard.snapshot(self.strategy)
         # Everything differentiated below is computed inside the tape, scaling included.
-        with tf.GradientTape(persistent=self._needs_persistent_tape()) as tape:
-            representation = None
-            if self._levels.forward is None:
-                y_pred = self(x, training=True)
-            else:  # one pass that also returns the shared representation z
-                representation, y_pred = self._levels.forward(x, training=True)
+        with tf.GradientTape(persistent=level.persistent_tape) as tape:
+            z, y_pred = level.forward(x)
             variables = self.trainable_variables  # after the call: it builds subclassed models
             raw_losses = self._task_losses(y, y_pred, sample_weight, training=True)
-            if strategy.family != "loss":  # global values, local gradients (tf.distribute)
-                raw_losses = [replicas.with_global_value(loss) for loss in raw_losses]
-            task_losses = _transformed_task_losses(
-                strategy, self._task_losses.weighted(raw_losses),
-                separate=self._needs_persistent_tape())
-            losses = tf.stack(task_losses)
-            extra = strategy.extra_loss(losses)
-            other = _add(self._regularization_loss(), extra)
-            scale = self.optimizer.scale_loss
-            if strategy.family == "loss":
-                weights = strategy.loss_weights(losses)
-                objective = _add(tf.reduce_sum(weights * losses), other)
-                scaled = scale(objective)
-            else:
-                scaled = _ScaledObjectives(
-                    tasks=[scale(loss) for loss in task_losses],
-                    other=None if other is None else scale(other),
-                    # the strategy's own variables follow the sum of the task losses
-                    own=scale(_add(tf.add_n(task_losses), extra)))
-        if strategy.family == "loss":
-            grads = tape.gradient(scaled, variables)
-            # each replica's share of the global values (Keras divides losses by N)
-            logged = _unscale_for_distribution(objective), [
-                _unscale_for_distribution(loss) for loss in raw_losses]
-        else:
-            grads, weights = self._task_gradient_update(tape, scaled, losses, variables,
-                                                        representation)
-            logged = _add(tf.reduce_sum(tf.stop_gradient(weights) * losses),
-                          _unscale_for_distribution(other)), raw_losses  # global values
-        if getattr(strategy, "uses_layer_gradients", False):
-            self._update_from_layer_gradients(tape, task_losses, variables)
+            step = level.objectives(raw_losses, self._regularization_loss())
+        grads, weights, objective, logged_losses = level.gradients(tape, step, variables, z)
         del tape
-
-        update = (grads, x, y, sample_weight, losses)
-        if guard.active:
-            step = self.optimizer.iterations + 0
-            apply, healthy, bad, losses_ok = guard.decide(raw_losses, grads, _batch_size(x))
-            if apply is True:
-                self._update(*update)
-            else:
-                if not self.optimizer.built:
-                    self.optimizer.build(variables)
-                replicas.run_if(tf.convert_to_tensor(apply), self._update, update)
-            guard.finish(healthy, bad, losses_ok, state, snapshot, step)
-        else:
-            self._update(*update)
-        self._record(x, *logged, weights, skipped=bad if guard.mode is not None else None)
+        skipped = self._guarded_update(snapshot, grads, raw_losses,
+                                       (grads, x, y, sample_weight, step.losses))
+        self._record(x, objective, logged_losses, weights, skipped)
         return self._for_replica_reduction(
             self.compute_metrics(x, y, y_pred, sample_weight=sample_weight))
+
+    def _guarded_update(self, snapshot, grads, raw_losses, update):
+        """The update, under `compile(nonfinite=...)` only if the step is finite (and
+        non-empty): else the strategy's state is restored. Returns the "skipped" flag the
+        logs need (None when steps are not checked)."""
+        guard = self._guard
+        if not guard.active:
+            self._update(*update)
+            return None
+        step = self.optimizer.iterations + 0
+        apply, healthy, bad, losses_ok = guard.decide(raw_losses, grads,
+                                                      _batch_size(update[1]))
+        if apply is True:
+            self._update(*update)
+        else:
+            if not self.optimizer.built:
+                self.optimizer.build(self.trainable_variables)
+            replicas.run_if(tf.convert_to_tensor(apply), self._update, update)
+        guard.finish(healthy, bad, losses_ok, *snapshot, step)
+        return bad if guard.mode is not None else None
 
     def _for_replica_reduction(self, logs):
         """Keras averages each log over the replicas; under MultiWorkerMirroredStrategy it
         reduces along axis 0, which fails on scalars (keras-team/keras#20585), so there
         the logs leave the step as 1-vectors (Keras' reduction makes them scalars)."""
-        if not _collective_all_reduce_multi_worker(self.distribute_strategy):
+        if not compat.multi_worker(self.distribute_strategy):
             return logs
         return {name: tf.reshape(value, [1]) for name, value in logs.items()}
 
     def _update(self, grads, x, y, sample_weight, losses):
         """The optimizer step (and a post-step strategy update) of one training step."""
         self.optimizer.apply(grads, self.trainable_variables)
-        if getattr(self.strategy, "uses_post_step_losses", False):
+        if self.strategy.uses_post_step_losses:
             # e.g. FAMO: the same batch's losses after the update (one forward pass),
             # weighted and transformed as `losses` were.
             after = self._task_losses(y, self(x, training=True), sample_weight)
-            after = _transformed_task_losses(
+            after = transformed_task_losses(
                 self.strategy, self._task_losses.weighted(after), separate=False)
             self.strategy.update_after_step(losses, tf.stack(after))
-
-    def _needs_persistent_tape(self):
-        return self.strategy.family != "loss" or getattr(
-            self.strategy, "uses_layer_gradients", False)
-
-    def _build_parameter_state(self, x, y, sample_weight):
-        """Create K x P strategy state (MoCo, DB-MTL, ExcessMTL) before the first step,
-        so that a skipped first step restores it; P is counted by tracing, not running,
-        the per-task gradients (see `lossbalance.strategies.parameter_state`)."""
-        strategy = self.strategy
-        if not getattr(strategy, "needs_parameter_state", False) or \
-                strategy.num_parameters is not None:
-            return
-        own = {id(v) for v in strategy.trainable_variables}
-        strategy.build_parameter_state(count_shared_parameters(
-            lambda x, y, sw: self._task_losses(y, self(x, training=True), sw),
-            lambda: [v for v in self.trainable_variables if id(v) not in own],
-            x, y, sample_weight))
 
     def _record(self, x, objective, raw_losses, weights, skipped=None):
         """Update the `loss`, `<task>_loss` and `<task>_weight` trackers with the global
@@ -538,276 +320,13 @@ class BalancedModel(keras.Model):
         self._task_weight_tracker.update_state(compile_weights * weights,
                                                sample_weight=counted)
 
-    def _task_gradient_update(self, tape, scaled, losses, variables, representation):
-        """Gradient-level strategies: the update for every trainable variable.
-
-        Model variables get the strategy's combination on shared variables and each task's
-        own gradient on its head; the strategy's own trainable variables (e.g. learned loss
-        scales) follow the plain sum of the (transformed) task losses and its extra term.
-        Their gradient depends on the global losses alone, so under tf.distribute every
-        replica hands the optimizer its 1/N share.
-        """
-        own = self.strategy.trainable_variables
-        own_ids = {id(v) for v in own}
-        model_variables = [v for v in variables if id(v) not in own_ids]
-        model_grads, weights = self._combine_task_gradients(
-            tape, scaled.tasks, scaled.other, losses, model_variables, representation)
-        by_id = dict(zip(map(id, model_variables), model_grads))
-        if own:
-            by_id.update(zip(map(id, own), map(replicas.replica_share,
-                                               tape.gradient(scaled.own, own))))
-        return [by_id[id(v)] for v in variables], weights
-
     def _regularization_loss(self):
         """`add_loss` and regulariser terms, aggregated as Keras does (under tf.distribute
         Keras divides them by the replica count, as it does the task losses)."""
         extra = self.losses
         if not extra:
             return None
-        return tf.add_n([self._aggregate_additional_loss(loss) for loss in extra])
-
-    def _combine_task_gradients(self, tape, scaled_losses, scaled_other, losses, variables,
-                                representation=None):
-        """Gradient-level strategies: per-task gradients, combined on shared variables.
-
-        At the parameter level the per-task gradients of every variable are taken and
-        combined on the shared ones (with `vectorize=True` the trunk's come stacked from
-        one vectorised pass, `_vectorized_task_gradients`). At the representation level
-        they are taken with respect to z and the heads' variables only, combined on z, and
-        the combination goes through the trunk in one backward pass (the trunk's variables
-        being those upstream of z). Gradients come from loss-scaled losses (mixed precision); the
-        strategy sees them unscaled, and the combination stays scaled for
-        `optimizer.apply` to unscale.
-        """
-        other_grads = None
-        if scaled_other is not None:
-            other_grads = tape.gradient(scaled_other, [v.value for v in variables])
-        if representation is None or self._levels.vectorized:
-            if representation is None:
-                gradients = TaskGradients(task_gradients(tape, scaled_losses, variables),
-                                          variables)
-            else:
-                gradients = self._vectorized_task_gradients(tape, scaled_losses, variables,
-                                                            representation)
-            self._check_task_gradients(gradients)
-            shared, weights = self._strategy_update(gradients, losses)
-            return gradients.gradients(shared, other_grads), weights
-
-        trunk, heads = self._split_at_representation(tape, representation, variables)
-        sources = [representation] + [variables[i] for i in heads]
-        gradients = TaskGradients(task_gradients(tape, scaled_losses, sources), sources)
-        self._check_task_gradients(gradients, at_representation=True)
-        shared, weights = self._strategy_update(gradients, losses, local_rows=True)
-        grads = [None] * len(variables)
-        trunk_grads = tape.gradient(representation, [variables[i].value for i in trunk],
-                                    output_gradients=shared[0])
-        for i, g in zip(trunk, trunk_grads):
-            grads[i] = g
-        for i, g in zip(heads, gradients.gradients(shared)[1:]):
-            grads[i] = g
-        if other_grads is not None:
-            grads = [_add(g, o) for g, o in zip(grads, other_grads)]
-        return grads, weights
-
-    def _split_at_representation(self, tape, representation, variables):
-        """(indices of the variables upstream of the representation, indices of the others),
-        the trunk found once."""
-        levels = self._levels
-        if levels.trunk_ids is None:  # structure only: unused ops are pruned from graphs
-            reached = tape.gradient(representation, [v.value for v in variables])
-            levels.trunk_ids = {id(v) for v, g in zip(variables, reached) if g is not None}
-        upstream = [id(v) in levels.trunk_ids for v in variables]
-        return ([i for i, up in enumerate(upstream) if up],
-                [i for i, up in enumerate(upstream) if not up])
-
-    def _vectorized_task_gradients(self, tape, scaled_losses, variables, representation):
-        """The parameter level's per-task gradients, found through z (`vectorize=True`).
-
-        A pass through the heads gives each task's cotangent dL_k/dz and its gradients of
-        the variables after z; the trunk's, (dz/dθ)^T dL_k/dz, come stacked from the K
-        cotangents' backward passes through the trunk, vectorised into one
-        (`_trunk_rows`). As z is a cut, these are exactly the per-task gradients of every
-        variable, and the stacked trunk rows are the only K x P copy.
-        """
-        trunk, after = self._split_at_representation(tape, representation, variables)
-        through_heads = task_gradients(
-            tape, scaled_losses, [representation] + [variables[i] for i in after])
-        reaching = [k for k, g in enumerate(through_heads) if g[0] is not None]
-        cotangents = [tf.zeros_like(representation) if g[0] is None else g[0]
-                      for g in through_heads]
-        rows = self._trunk_rows(tape, representation, [variables[i].value for i in trunk],
-                                cotangents)
-        per_task = [[None] * len(variables) for _ in through_heads]
-        for k, g in enumerate(through_heads):
-            for i, gradient in zip(after, g[1:]):
-                per_task[k][i] = gradient
-        return TaskGradients(per_task, variables, stacked=dict(zip(trunk, rows)),
-                             stacked_tasks=reaching)
-
-    def _trunk_rows(self, tape, z, trunk, cotangents):
-        """(K, *shape) for each trunk variable: the backward passes from z with each of the
-        K cotangents, vectorised into one where possible, else run one by one."""
-        if not trunk:
-            return []
-        if self._levels.loop_reason is None:
-            reason = self._xla_obstacle(z)
-            if reason is None:
-                try:  # no silent while-loop fallback: it may not compile under XLA
-                    return tf.vectorized_map(
-                        lambda dz: [tf.convert_to_tensor(g) for g in  # dense embeddings'
-                                    tape.gradient(z, trunk, output_gradients=dz)],
-                        tf.stack(cotangents), fallback_to_while_loop=False)
-                except ValueError as err:  # an op without a pfor converter
-                    first_line = str(err).splitlines()[0] if str(err) else repr(err)
-                    reason = f"its backward pass cannot be vectorised ({first_line})"
-            self._loop_instead(reason)
-        passes = [tape.gradient(z, trunk, output_gradients=dz) for dz in cotangents]
-        return [tf.stack([tf.convert_to_tensor(g) for g in rows]) for rows in zip(*passes)]
-
-    def _xla_obstacle(self, z):
-        """Why XLA cannot compile the vectorised trunk pass, when that is known before
-        compiling: pfor turns a while loop of the trunk (an RNN's) into one over tensor
-        lists of unknown shape, which XLA rejects only when the step first runs."""
-        if not self.jit_compile or tf.executing_eagerly():
-            return None
-        loops = _loops_upstream(z)
-        if loops:
-            return (f"it computes z with a loop (operation {loops[0]!r}, e.g. an RNN's), "
-                    "whose vectorised backward pass XLA cannot compile (jit_compile=True)")
-        return None
-
-    def _loop_instead(self, reason):
-        """Run the trunk's per-task passes one by one from now on, saying why once."""
-        if self._levels.loop_reason is None:
-            warnings.warn(
-                f"compile(vectorize=True): the trunk of {self.name!r} (before "
-                f"{self._levels.forward.layer_name!r}) takes its K per-task backward passes "
-                f"one by one instead, as {reason}. The gradients are the same; only the "
-                "speed-up is lost.", stacklevel=2)
-        self._levels.loop_reason = reason
-
-    def _check_task_gradients(self, gradients, at_representation=False):
-        name = self.strategy.registry_name
-        if at_representation and gradients.has_shared:
-            where = f"the representation {self._levels.forward.layer_name!r}"
-            detached = [self._task_losses.names[k] for k in range(gradients.num_tasks)
-                        if gradients.per_task[k][0] is None]
-            if detached:
-                raise ValueError(
-                    f"Task(s) {detached} do not depend on {where}, so strategy {name!r} "
-                    "cannot balance them there. Build every head on it, or use "
-                    "gradients='parameters'.")
-            after = [gradients.variables[i].path for i in gradients.shared if i != 0]
-            if after:
-                raise ValueError(
-                    f"Variables {after} come after {where} and are shared by several "
-                    "tasks, so it is not where the heads branch. Name a later layer with "
-                    "compile(representation=...), or use gradients='parameters'.")
-            return
-        if not gradients.has_shared:
-            raise ValueError(
-                "No trainable variable is shared by two or more tasks, so there is nothing "
-                f"for strategy {name!r} to balance: the heads share "
-                "no trunk. Check that every head is built on the shared layers."
-            )
-        detached = [self._task_losses.names[k] for k in gradients.tasks_without_shared]
-        if detached:
-            raise ValueError(
-                f"Task(s) {detached} do not depend on any variable shared with the other "
-                f"tasks, so strategy {name!r} cannot balance them "
-                "against the others. Build every head on the shared trunk, or train such "
-                "a task separately."
-            )
-
-    def _strategy_update(self, gradients, losses, local_rows=False):
-        """The strategy's combination of the shared rows: ({index: update}, weights).
-
-        Under tf.distribute (`losses` are then global): at the parameter level the replicas'
-        per-task gradients are summed first, giving the global J, and the update, the same
-        on every replica, is handed to the optimizer as each replica's 1/N share. With
-        `local_rows` (the representation level) each replica keeps the rows of its own
-        samples, dL_k/dz, and only their Gramian is summed (Jacobian aggregators get every
-        replica's columns); the update of z, each replica's own columns, stays local.
-        """
-        if not local_rows:
-            gradients.sum_over_replicas()
-        scale = (self.optimizer.scale_loss(tf.ones((), losses.dtype))
-                 if self._scales_loss() else None)
-        strategy = self.strategy
-        if strategy.family == "gramian":
-            gramian = gradients.gramian()
-            if local_rows:
-                gramian = replicas.sum_over_replicas(gramian)
-            if scale is not None:
-                gramian /= tf.cast(scale, gramian.dtype) ** 2
-            weights = tf.cast(self._levels.gramian_weights(gramian, losses), losses.dtype)
-            update = gradients.combine(weights)
-        else:
-            jacobian = gradients.jacobian()
-            if local_rows:
-                jacobian, own_columns = replicas.gather_columns(jacobian)
-            if scale is not None:
-                jacobian /= tf.cast(scale, jacobian.dtype)
-            direction, weights = strategy.aggregate(jacobian, losses)
-            if scale is not None:
-                direction *= tf.cast(scale, direction.dtype)
-            if local_rows:
-                direction = own_columns(direction)
-            update = gradients.unflatten(direction)
-        if not local_rows:
-            update = {i: replicas.replica_share(g) for i, g in update.items()}
-        return update, weights
-
-    def _update_from_layer_gradients(self, tape, task_losses, variables):
-        """GradNorm-style strategies: each task's gradient norm at one shared layer."""
-        layer_variables = self._balance_layer_variables(tape, task_losses, variables)
-        values = [v.value for v in layer_variables]
-        norms, unreached = [], []
-        for task, task_loss in zip(self._task_losses.names, task_losses):
-            grads = [g for g in tape.gradient(task_loss, values) if g is not None]
-            # the global batch's gradient (tf.distribute), whose norm is not a sum
-            grads = replicas.sum_over_replicas(grads) if grads else grads
-            norms.append(tf.linalg.global_norm(grads) if grads else tf.zeros(()))
-            if not grads:
-                unreached.append(task)
-        if unreached:  # only a named layer can miss a task
-            raise ValueError(
-                f"{type(self.strategy).__name__}(layer={self.strategy.layer!r}): task(s) "
-                f"{unreached} do not depend on that layer, so their gradient norm there is "
-                "0 and cannot be balanced. Name a layer of the trunk that every task "
-                "depends on, or leave layer=None for the last layer they all share.")
-        self.strategy.update_with_gradient_norms(
-            tf.stack(norms), replicas.sum_over_replicas(tf.stack(task_losses)))
-
-    def _balance_layer_variables(self, tape, task_losses, variables):
-        name = self.strategy.layer
-        if name is not None:  # nested layers too, as `_check_strategy_fits` accepts them
-            layer = next((l for l in self._flatten_layers(include_self=False)
-                          if l.name == name), None) or self.get_layer(name)
-            if not layer.trainable_weights:
-                raise ValueError(
-                    f"Layer {name!r} has no trainable weights to balance at (frozen, or "
-                    "without weights). Name a trainable layer of the shared trunk, or leave "
-                    "layer=None for the last layer every task depends on.")
-            return layer.trainable_weights
-        gradients = TaskGradients(task_gradients(tape, task_losses, variables), variables)
-        if not gradients.common:
-            why = ("the heads share no trunk" if not gradients.has_shared else
-                   "some heads branch off separately")
-            raise ValueError(
-                f"Strategy {self.strategy.registry_name!r} needs a layer that every task "
-                f"depends on, but no trainable variable is shared by all tasks: {why}. "
-                "Build every head on a common trunk.")
-        last_common = variables[gradients.common[-1]]
-        owner = self._owning_layer(last_common)
-        common_ids = {id(variables[i]) for i in gradients.common}
-        return [v for v in owner.trainable_weights if id(v) in common_ids]
-
-    def _owning_layer(self, variable):
-        """The innermost layer that holds `variable`."""
-        holders = [layer for layer in self._flatten_layers(include_self=False)
-                   if any(w is variable for w in layer.trainable_weights)]
-        return min(holders, key=lambda layer: len(layer.trainable_weights))
+        return tf.add_n([compat.regularization_term(self, loss) for loss in extra])
 
     # -- evaluation ----------------------------------------------------------------------
 
@@ -817,8 +336,8 @@ class BalancedModel(keras.Model):
         return self._plain_total(self._task_losses(y, y_pred, sample_weight))
 
     def _plain_total(self, raw_losses):
-        return _add(tf.add_n(self._task_losses.weighted(raw_losses)),
-                    self._regularization_loss())
+        return add(tf.add_n(self._task_losses.weighted(raw_losses)),
+                   self._regularization_loss())
 
     def test_step(self, data):
         self._require_compiled()
@@ -827,9 +346,9 @@ class BalancedModel(keras.Model):
         raw_losses = self._task_losses(y, y_pred, sample_weight)
         total = self._plain_total(raw_losses)
         batch = _batch_size(x)
-        self._loss_tracker.update_state(_unscale_for_distribution(total), sample_weight=batch)
-        self._task_loss_tracker.update_state(
-            _unscale_for_distribution(tf.stack(raw_losses)), sample_weight=batch)
+        self._loss_tracker.update_state(global_value(total), sample_weight=batch)
+        self._task_loss_tracker.update_state(global_value(tf.stack(raw_losses)),
+                                             sample_weight=batch)
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         return self._for_replica_reduction(
             {k: v for k, v in logs.items() if k not in self._task_weight_tracker.keys})
@@ -859,15 +378,11 @@ class BalancedModel(keras.Model):
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         """Under tf.distribute Keras builds the model from one batch, which it first reduces
         across replicas; that reduction fails under MultiWorkerMirroredStrategy (keras-team/
-        keras#20585). Building needs shapes only, so take the first local replica's part."""
-        if iterator is not None and self._distribute_strategy is not None:
-            local = self._distribute_strategy.experimental_local_results
-            for _, _, batches in iterator:
-                data_batch = tf.nest.map_structure(
-                    lambda v: local(v)[0] if isinstance(v, tf.distribute.DistributedValues)
-                    else v, next(batches))
-                break
-            iterator = None
+        keras#20585). Building needs shapes only, so take the first local replica's part.
+        (An override of a private `Trainer` method: see `lossbalance.compat`.)"""
+        local = compat.local_first_batch(self, iterator)
+        if local is not None:
+            data_batch, iterator = local, None
         super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def fit(self, *args, callbacks=None, **kwargs):
@@ -906,7 +421,7 @@ class _StrategyEpochHook(keras.callbacks.Callback):
 
 
 @keras.saving.register_keras_serializable(package="lossbalance")
-class FunctionalBalancedModel(BalancedModel, Functional):
+class FunctionalBalancedModel(BalancedModel, compat.Functional):
     """The class of `BalancedModel(inputs=..., outputs=...)`: a functional BalancedModel.
 
     Keras would otherwise turn a `Model` subclass called with inputs and outputs into a
@@ -915,6 +430,6 @@ class FunctionalBalancedModel(BalancedModel, Functional):
     """
 
     def __init__(self, inputs, outputs, name=None, **kwargs):
-        Trainer.__init__(self)
-        Functional.__init__(self, inputs, outputs, name=name, **kwargs)
+        compat.Trainer.__init__(self)
+        compat.Functional.__init__(self, inputs, outputs, name=name, **kwargs)
         self._init_balancing()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from keras.src.models.functional import Functional
+from lossbalance import compat
 
 
 @keras.saving.register_keras_serializable(package="lossbalance")
@@ -51,10 +51,7 @@ class RepresentationError(ValueError):
 
 def _producer_inputs(tensor):
     """The KerasTensors the operation that produced `tensor` was called on."""
-    history = getattr(tensor, "_keras_history", None)
-    if history is None or history.operation is None:
-        return []
-    return history.operation._inbound_nodes[history.node_index].input_tensors
+    return compat.producer(tensor)[1]
 
 
 def _ancestors(tensor):
@@ -85,11 +82,10 @@ def _is_cut(candidate, inputs, outputs):
 
 
 def _layer_name(tensor):
-    history = getattr(tensor, "_keras_history", None)
-    return getattr(getattr(history, "operation", None), "name", "?")
+    return getattr(compat.producer(tensor)[0], "name", "?")
 
 
-def find_representation(model: Functional, task_outputs: list, layer: str | None = None):
+def find_representation(model, task_outputs: list, layer: str | None = None):
     """The KerasTensor z where the task heads branch, in a functional `model`.
 
     Args:
@@ -108,7 +104,7 @@ def find_representation(model: Functional, task_outputs: list, layer: str | None
             raise RepresentationError(
                 f"representation={layer!r}: the model has no layer of that name. Its "
                 f"layers: {names}.") from None
-        outputs = [t for node in named._inbound_nodes for t in node.output_tensors
+        outputs = [t for t in compat.output_tensors(named)
                    if any(t is a for out in task_outputs for a in _ancestors(out).values())]
         if len(outputs) != 1:
             raise RepresentationError(
@@ -137,8 +133,7 @@ def find_representation(model: Functional, task_outputs: list, layer: str | None
             "one with compile(representation='layer_name'), or use "
             "gradients='parameters'.")
     # The cuts lie on one chain; the deepest descends from all the others.
-    marked = [t for t in cuts if isinstance(getattr(t, "_keras_history", (None,))[0],
-                                            Representation)]
+    marked = [t for t in cuts if isinstance(compat.producer(t)[0], Representation)]
     return _deepest(marked or cuts)
 
 
@@ -159,21 +154,20 @@ class RepresentationForward:
     def __init__(self, model, task_positions, layer=None):
         self.model = model
         self.wrapper = self.marker = None
-        if isinstance(model, Functional):
+        if isinstance(model, compat.Functional):
             task_outputs = [model.outputs[p] for p in task_positions]
             z = find_representation(model, task_outputs, layer)
             self.layer_name = _layer_name(z)
             # One forward pass returns z beside the outputs; the layers are the model's own.
-            self.wrapper = Functional(model._inputs_struct, [z, model._outputs_struct],
-                                      name=f"{model.name}_with_representation")
+            self.wrapper = compat.functional_with_outputs(
+                model, lambda outputs: [z, outputs], name=f"{model.name}_with_representation")
             return
         if layer is not None:
             raise RepresentationError(
                 f"representation={layer!r} names a layer, which only a functional model "
                 "can be split at. In a subclassed model, pass the shared tensor through "
                 "`lossbalance.Representation()` in `call` instead.")
-        markers = [l for l in model._flatten_layers(include_self=False)
-                   if isinstance(l, Representation)]
+        markers = [l for l in compat.sublayers(model) if isinstance(l, Representation)]
         if len(markers) != 1:
             raise RepresentationError(
                 f"{type(model).__name__} is a subclassed model, so its shared "

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import keras
 import tensorflow as tf
-from keras.src.trainers.compile_utils import get_loss
 
+from lossbalance.compat import get_loss
 from lossbalance.strategies.base import check_number, resolve_per_task
 
 

@@ -242,4 +242,4 @@ def test_gradient_level_survives_save_and_load(two_head_data, tmp_path):
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras")
     assert loaded.gradient_level == "representation"
-    assert loaded._levels.forward.layer_name == "t2"
+    assert loaded._level.trunk.forward.layer_name == "t2"

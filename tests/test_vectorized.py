@@ -115,10 +115,10 @@ def test_per_task_gradients_equal_the_loop():
     model.compile(loss=TWO_HEAD_LOSS, strategy="mgda", vectorize=True)
     x, y = _data("mixed", 8)
     with tf.GradientTape(persistent=True) as tape:
-        z, y_pred = model._levels.forward(x, training=True)
+        z, y_pred = model._level.forward(x)
         losses = model._task_losses(y, y_pred)
     variables = model.trainable_variables
-    vectorised = model._vectorized_task_gradients(tape, losses, variables, z)
+    vectorised = model._level.task_gradients(tape, losses, variables, z)
     looped = TaskGradients(task_gradients(tape, losses, variables), variables)
     assert vectorised.shared == looped.shared and vectorised.owner == looped.owner
     np.testing.assert_allclose(vectorised.jacobian(), looped.jacobian(), rtol=1e-5,
@@ -152,7 +152,8 @@ def test_vectorize_survives_save_and_load(tmp_path):
     model.optimizer.build(model.trainable_variables)
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras")
-    assert loaded._levels.vectorized and loaded.gradient_level == "parameters"
+    assert type(loaded._level).__name__ == "VectorizedLevel"
+    assert loaded.gradient_level == "parameters"
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -25,6 +25,8 @@ from collections.abc import Mapping, Sequence
 import keras
 import tensorflow as tf
 
+from lossbalance import compat
+
 
 # Keyword arguments a strategy passes on to `keras.layers.Layer` (from saved configs).
 _LAYER_ARGUMENTS = frozenset({"dtype", "trainable", "autocast"})
@@ -60,6 +62,25 @@ class Strategy(keras.layers.Layer):
     #: gradient) is multiplied by a positive constant: the method does not depend on the
     #: tasks' scales. Checked by `tests/test_scales.py` where declared.
     scale_invariant: bool = False
+
+    # -- inputs a step gives only the strategies that ask for them (the hooks below) -------
+    #: When True, `BalancedModel` calls `update_after_step(losses_before, losses_after)`
+    #: after each optimizer update, with the same batch's task losses recomputed by one
+    #: extra forward pass (FAMO).
+    uses_post_step_losses: bool = False
+    #: When True, `BalancedModel` calls `update_with_gradient_norms(norms, losses)` with
+    #: each task's gradient norm at one shared layer, `layer` (by name; None for the last
+    #: layer every task depends on) (GradNorm).
+    uses_layer_gradients: bool = False
+    layer: str | None = None
+    #: When True, the strategy keeps state sized by the number of shared parameters P,
+    #: created by `build_parameter_state(P)` before the first step (see
+    #: `lossbalance.strategies.parameter_state`); `num_parameters` is P once known.
+    needs_parameter_state: bool = False
+    num_parameters: int | None = None
+    #: Whether a gradient-level strategy reads the task losses (MGDA's loss
+    #: normalisations); `lossbalance.aggregate` then asks for them.
+    uses_losses: bool = False
 
     def __init__(self, name=None, **kwargs):
         unknown = sorted(set(kwargs) - _LAYER_ARGUMENTS)
@@ -125,7 +146,7 @@ class Strategy(keras.layers.Layer):
         self.__dict__["_seed_generator_count"] = index + 1
         # An explicit name keeps the state's path stable between a model and its reload.
         generator = keras.random.SeedGenerator(seed, name=f"{self.name}_seed_{index}")
-        self._track_variable(generator.state)
+        compat.track_variable(self, generator.state)
         return generator
 
     def state_variables(self) -> list:
@@ -149,6 +170,21 @@ class Strategy(keras.layers.Layer):
 
     def on_epoch_end(self, epoch: int) -> None:
         """Called eagerly by `BalancedModel.fit` after each epoch (e.g. DWA's history)."""
+
+    def update_after_step(self, losses_before: tf.Tensor, losses_after: tf.Tensor) -> None:
+        """With `uses_post_step_losses`: the same batch's (K,) losses before and after the
+        optimizer's update, global values, transformed as the step's were."""
+        raise NotImplementedError(f"{type(self).__name__} sets uses_post_step_losses "
+                                  "and must implement update_after_step.")
+
+    def update_with_gradient_norms(self, norms: tf.Tensor, losses: tf.Tensor) -> None:
+        """With `uses_layer_gradients`: each task's gradient norm at `layer` and the (K,)
+        task losses, global values."""
+        raise NotImplementedError(f"{type(self).__name__} sets uses_layer_gradients "
+                                  "and must implement update_with_gradient_norms.")
+
+    def build_parameter_state(self, num_parameters: int) -> None:
+        """With `needs_parameter_state`: create the state sized by P shared parameters."""
 
     def loss_floors(self):
         """The K per-task values of `loss_floor` (None if the method has none)."""
@@ -208,15 +244,6 @@ class LossWeighting(Strategy):
 
     family = "loss"
 
-    #: When True, `BalancedModel` calls `update_after_step(losses_before, losses_after)`
-    #: after each optimizer update, with the same batch's task losses recomputed by one
-    #: extra forward pass (FAMO needs this).
-    uses_post_step_losses: bool = False
-    #: When True, `BalancedModel` calls `update_with_gradient_norms(norms, losses)` with
-    #: each task's gradient norm at one shared layer (GradNorm needs this); the strategy's
-    #: `layer` attribute names the layer, None for the last layer every task depends on.
-    uses_layer_gradients: bool = False
-
     def loss_weights(self, losses: tf.Tensor) -> tf.Tensor:
         """(K,) task losses -> (K,) weights. Called inside the model's gradient tape."""
         raise NotImplementedError
@@ -241,6 +268,9 @@ class GramianWeighting(Strategy):
     #: faster at K <= 8); XLA's CPU kernels for decompositions and solves (eigh, SVD, LU)
     #: are slower than TensorFlow's for larger K (up to 30x at K = 40). Loop-heavy solvers
     #: whose XLA form wins at every K set None. `bench_gradient_strategies.py --solvers`.
+    #: The model compiles `gramian_weights` of a strategy without state only (under
+    #: tf.distribute a compiled function may not write variables); a stateful one compiles
+    #: its own pure solver where it wants to (Nash-MTL).
     xla_max_tasks: int | None = 8
 
     def compiles_solver(self) -> bool:

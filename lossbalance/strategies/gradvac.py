@@ -38,8 +38,6 @@ class GradVac(GramianWeighting):
     Improving Multi-task Optimization in Massively Multilingual Models", ICLR 2021.
     """
 
-    xla_max_tasks = None  # K - 1 unrolled rounds of small ops: XLA wins at every K
-
     def __init__(self, beta=0.5, seed=None, **kwargs):
         super().__init__(**kwargs)
         self.beta = check_number("beta", beta, minimum=0.0, maximum=1.0)

@@ -71,8 +71,12 @@ class NashMTL(GramianWeighting):
         return solvers.divide_by_norms(b, norms) * tf.sqrt(frobenius)
 
     def gramian_weights(self, gramian, losses):
+        solve = self._solve
+        if self.compiles_solver():  # the pure solve; the cache is written outside it
+            solve = self.__dict__.setdefault("_compiled_solve", tf.function(
+                self._solve, jit_compile=True, autograph=False))
         refresh = tf.equal(self.step % self.update_weights_every, 0)
-        weights = tf.cond(refresh, lambda: self._solve(gramian),
+        weights = tf.cond(refresh, lambda: solve(gramian),
                           lambda: tf.cast(self.cached_weights, tf.float64))
         self.cached_weights.assign(tf.cast(weights, self.cached_weights.dtype))
         self.step.assign_add(1)

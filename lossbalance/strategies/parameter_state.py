@@ -18,6 +18,7 @@ Calling `build_parameter_state(P)` yourself before training does the same, expli
 
 import tensorflow as tf
 
+from lossbalance import compat
 from lossbalance.strategies.base import JacobianAggregator
 
 
@@ -63,16 +64,9 @@ class ParameterStateAggregator(JacobianAggregator):
                     "(pass the name or a config dict).")
             return
         self.num_parameters = num_parameters
-        unlocked = getattr(self, "_tracker", None)
-        was_locked = bool(unlocked and unlocked.locked)
-        if was_locked:
-            self._tracker.unlock()
-        try:
-            with tf.init_scope():  # eager, also when first reached inside a traced step
-                self.create_parameter_state(self.num_tasks, num_parameters)
-        finally:
-            if was_locked:
-                self._tracker.lock()
+        # eager, also when first reached inside a traced step
+        with compat.unlocked_tracking(self), tf.init_scope():
+            self.create_parameter_state(self.num_tasks, num_parameters)
 
     def create_parameter_state(self, num_tasks: int, num_parameters: int) -> None:
         raise NotImplementedError

@@ -1,0 +1,124 @@
+"""What every gradient level shares: the objectives, the strategy's own variables, and the
+strategy's combination of the per-task gradients (`combine_shared`)."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from lossbalance import replicas
+from lossbalance.combination import weights_and_direction
+from lossbalance.levels.base import Level, Objectives, add, global_value, \
+    transformed_task_losses
+
+
+class GradientLevel(Level):
+    """A level that takes each task's gradient: subclasses say where (`task_update`)."""
+
+    def __init__(self, model, strategy):
+        super().__init__(model, strategy)
+        #: The weight solver; compiled with XLA on its own where the strategy says so
+        #: (`GramianWeighting.compiles_solver`), even in a step that is not. Only a
+        #: strategy without state: a nested function may not write variables under
+        #: tf.distribute (their writes are synchronisation points); a stateful strategy
+        #: compiles its pure solver itself (Nash-MTL).
+        self.solve = None
+        if strategy.family == "gramian":
+            self.solve = strategy.gramian_weights
+            if strategy.compiles_solver() and not strategy.state_variables():
+                self.solve = tf.function(strategy.gramian_weights, jit_compile=True,
+                                         autograph=False)
+
+    def objectives(self, raw_losses, regularization) -> Objectives:
+        strategy, scale = self.strategy, self.model.optimizer.scale_loss
+        # global values, local gradients (tf.distribute)
+        raw = [replicas.with_global_value(loss) for loss in raw_losses]
+        tasks = transformed_task_losses(strategy, self.model._task_losses.weighted(raw))
+        losses = tf.stack(tasks)
+        extra = strategy.extra_loss(losses)
+        other = add(regularization, extra)
+        return Objectives(raw=raw, tasks=tasks, losses=losses, other=other, scaled={
+            "tasks": [scale(loss) for loss in tasks],
+            "other": None if other is None else scale(other),
+            # the strategy's own variables follow the sum of the task losses
+            "own": scale(add(tf.add_n(tasks), extra))})
+
+    def gradients(self, tape, step, variables, z):
+        """Model variables get the strategy's combination on shared variables and each
+        task's own gradient on its head; the strategy's own trainable variables (e.g.
+        learned loss scales) follow the plain sum of the (transformed) task losses and its
+        extra term. Their gradient depends on the global losses alone, so under
+        tf.distribute every replica hands the optimizer its 1/N share."""
+        own = self.strategy.trainable_variables
+        own_ids = {id(v) for v in own}
+        model_variables = [v for v in variables if id(v) not in own_ids]
+        other = None
+        if step.scaled["other"] is not None:
+            other = tape.gradient(step.scaled["other"], [v.value for v in model_variables])
+        grads, weights = self.task_update(tape, step.scaled["tasks"], step.losses,
+                                          model_variables, other, z)
+        by_id = dict(zip(map(id, model_variables), grads))
+        if own:
+            by_id.update(zip(map(id, own), map(replicas.replica_share,
+                                               tape.gradient(step.scaled["own"], own))))
+        objective = add(tf.reduce_sum(tf.stop_gradient(weights) * step.losses),
+                        global_value(step.other))
+        return [by_id[id(v)] for v in variables], weights, objective, step.raw
+
+    def task_update(self, tape, scaled_losses, losses, variables, other, z):
+        """(gradients of `variables`, weights): the per-task gradients, combined."""
+        raise NotImplementedError
+
+    def combine_shared(self, gradients, losses, local_rows=False):
+        """The strategy's combination of the shared rows: ({index: update}, weights).
+
+        Under tf.distribute (`losses` are then global): at the parameter level the
+        replicas' per-task gradients are summed first, giving the global J, and the
+        update, the same on every replica, is handed to the optimizer as each replica's
+        1/N share. With `local_rows` (the representation level) each replica keeps the
+        rows of its own samples, dL_k/dz, and only their Gramian is summed (Jacobian
+        aggregators get every replica's columns); the update of z, each replica's own
+        columns, stays local. The gradients are loss-scaled under mixed precision: the
+        strategy sees them unscaled, and the combination stays scaled for
+        `optimizer.apply` to unscale.
+        """
+        if not local_rows:
+            gradients.sum_over_replicas()
+        optimizer = self.model.optimizer
+        scale = optimizer.scale_loss(tf.ones((), losses.dtype)) if _scales_loss(optimizer) \
+            else None
+        own_columns = None
+
+        def gramian():
+            g = gradients.gramian()
+            if local_rows:
+                g = replicas.sum_over_replicas(g)
+            return g if scale is None else g / tf.cast(scale, g.dtype) ** 2
+
+        def jacobian():
+            nonlocal own_columns
+            j = gradients.jacobian()
+            if local_rows:
+                j, own_columns = replicas.gather_columns(j)
+            return j if scale is None else j / tf.cast(scale, j.dtype)
+
+        weights, direction = weights_and_direction(self.strategy, losses, gramian=gramian,
+                                                   jacobian=jacobian, solve=self.solve)
+        if direction is None:
+            weights = tf.cast(weights, losses.dtype)
+            update = gradients.combine(weights)
+        else:
+            if scale is not None:
+                direction *= tf.cast(scale, direction.dtype)
+            if local_rows:
+                direction = own_columns(direction)
+            update = gradients.unflatten(direction)
+        if not local_rows:
+            update = {i: replicas.replica_share(g) for i, g in update.items()}
+        return update, weights
+
+
+def _scales_loss(optimizer) -> bool:
+    """Whether the optimizer scales the loss (mixed precision)."""
+    return isinstance(optimizer, keras.optimizers.LossScaleOptimizer) or (
+        getattr(optimizer, "loss_scale_factor", None) is not None)

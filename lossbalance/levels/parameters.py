@@ -1,0 +1,53 @@
+"""The parameter level: each task's exact gradient on every shared parameter."""
+
+from __future__ import annotations
+
+from lossbalance.gradients import TaskGradients, count_shared_parameters, task_gradients
+from lossbalance.levels.gradient import GradientLevel
+
+
+class ParameterLevel(GradientLevel):
+    """One backward pass per task (a persistent tape); the strategy combines the rows of
+    the shared variables, each head gets its own task's gradient."""
+
+    name = "parameters"
+
+    def prepare(self, x, y, sample_weight) -> None:
+        """Create K x P strategy state (MoCo, DB-MTL, ExcessMTL) before the first step,
+        so that a skipped first step restores it; P is counted by tracing, not running,
+        the per-task gradients (see `lossbalance.strategies.parameter_state`)."""
+        strategy, model = self.strategy, self.model
+        if not strategy.needs_parameter_state or strategy.num_parameters is not None:
+            return
+        own = {id(v) for v in strategy.trainable_variables}
+        strategy.build_parameter_state(count_shared_parameters(
+            lambda x, y, sw: model._task_losses(y, model(x, training=True), sw),
+            lambda: [v for v in model.trainable_variables if id(v) not in own],
+            x, y, sample_weight))
+
+    def task_gradients(self, tape, scaled_losses, variables, z) -> TaskGradients:
+        return TaskGradients(task_gradients(tape, scaled_losses, variables), variables)
+
+    def task_update(self, tape, scaled_losses, losses, variables, other, z):
+        gradients = self.task_gradients(tape, scaled_losses, variables, z)
+        self.check(gradients)
+        shared, weights = self.combine_shared(gradients, losses)
+        return gradients.gradients(shared, other), weights
+
+    def check(self, gradients) -> None:
+        """Refuse, naming the tasks, a model whose tasks share nothing to balance."""
+        name = self.strategy.registry_name
+        if not gradients.has_shared:
+            raise ValueError(
+                "No trainable variable is shared by two or more tasks, so there is nothing "
+                f"for strategy {name!r} to balance: the heads share "
+                "no trunk. Check that every head is built on the shared layers."
+            )
+        detached = [self.model._task_losses.names[k] for k in gradients.tasks_without_shared]
+        if detached:
+            raise ValueError(
+                f"Task(s) {detached} do not depend on any variable shared with the other "
+                f"tasks, so strategy {name!r} cannot balance them "
+                "against the others. Build every head on the shared trunk, or train such "
+                "a task separately."
+            )

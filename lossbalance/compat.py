@@ -27,6 +27,11 @@ from keras.src.models.model import Trainer, functional_init_arguments  # noqa: E
 # so that each task's loss is resolved exactly as `compile(loss=...)` resolves it.
 from keras.src.trainers.compile_utils import get_loss  # noqa: E402,F401
 
+__all__ = ["Functional", "Trainer", "functional_init_arguments", "get_loss", "SUPPORTED",
+           "check_versions", "multi_worker", "unlocked_tracking", "untrack", "track_variable",
+           "sublayers", "regularization_term", "producer", "output_tensors",
+           "functional_with_outputs", "local_first_batch"]
+
 
 def _version(text):
     return tuple(int(part) for part in text.split(".")[:2] if part.isdigit())

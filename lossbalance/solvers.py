@@ -38,6 +38,7 @@ Routines:
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -65,6 +66,21 @@ def _eps(dtype) -> float:
     return float(np.finfo(tf.as_dtype(dtype).as_numpy_dtype).eps)
 
 
+def finite_or_zero(x):
+    """`x` with its non-finite entries replaced by 0 (one overflowed task must not poison
+    the others' weights)."""
+    x = tf.convert_to_tensor(x)
+    return tf.where(tf.math.is_finite(x), x, tf.zeros_like(x))
+
+
+def random_orders(seed_generator, num_tasks):
+    """(K, K - 1) int tensor: row i is a uniformly random order of the tasks other than i
+    (PCGrad's and GradVac's visiting orders), drawn from a Keras `SeedGenerator`."""
+    scores = keras.random.uniform((num_tasks, num_tasks), seed=seed_generator)
+    scores = scores + 2.0 * tf.eye(num_tasks)  # a task comes after all others: drop it
+    return tf.argsort(scores, axis=1)[:, : num_tasks - 1]
+
+
 def normalize_gramian(gramian):
     """(G / s, s) with s = trace(G) / K, the mean squared gradient norm (float64).
 
@@ -72,7 +88,7 @@ def normalize_gramian(gramian):
     treated as zero so that a single overflowed task cannot poison the others.
     """
     g, _ = _as64(gramian)
-    g = tf.where(tf.math.is_finite(g), g, tf.zeros_like(g))
+    g = finite_or_zero(g)
     g = 0.5 * (g + tf.transpose(g))
     k = tf.cast(tf.shape(g)[0], _F64)
     scale = tf.linalg.trace(g) / k
@@ -91,7 +107,7 @@ def cosine_gramian(gramian):
     gives a zero gradient. Entries that are not finite are treated as zero.
     """
     g, _ = _as64(gramian)
-    g = tf.where(tf.math.is_finite(g), g, tf.zeros_like(g))
+    g = finite_or_zero(g)
     g = 0.5 * (g + tf.transpose(g))
     d = tf.sqrt(tf.maximum(tf.linalg.diag_part(g), 0.0))
     nonzero = d > 0

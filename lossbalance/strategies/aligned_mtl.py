@@ -62,7 +62,7 @@ class AlignedMTL(GramianWeighting):
         if self.truncation == "cosine":
             return solvers.graded_eigh(*solvers.cosine_gramian(gramian))
         g = tf.cast(gramian, tf.float64)
-        g = tf.where(tf.math.is_finite(g), g, tf.zeros_like(g))
+        g = solvers.finite_or_zero(g)
         g = 0.5 * (g + tf.transpose(g))
         trace = tf.linalg.trace(g)
         g = g / tf.where(trace > 0, trace, 1.0)  # B does not depend on G's scale

@@ -2,6 +2,7 @@
 
 import tensorflow as tf
 
+from lossbalance import solvers
 from lossbalance.strategies.base import check_number
 from lossbalance.strategies.parameter_state import ParameterStateAggregator
 from lossbalance.strategies.registry import register
@@ -69,7 +70,7 @@ class DBMTL(ParameterStateAggregator):
         self.check_parameter_state(jacobian)
         j = tf.convert_to_tensor(jacobian)
         dtype = j.dtype
-        j = tf.where(tf.math.is_finite(j), j, tf.zeros_like(j))
+        j = solvers.finite_or_zero(j)
         self.step.assign_add(1.0)
         if self.needs_parameter_state:
             beta = self.beta / tf.cast(self.step, dtype) ** self.beta_sigma

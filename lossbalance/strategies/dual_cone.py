@@ -38,7 +38,7 @@ class _DualConeProjection(GramianWeighting):
         """Rows w = argmin_{v >= u} v^T G v for the rows u of `lower` (M, K), float64."""
         if self.regularization == "trace":  # TorchJD's conditioning
             g = tf.cast(gramian, tf.float64)
-            g = tf.where(tf.math.is_finite(g), g, tf.zeros_like(g))
+            g = solvers.finite_or_zero(g)
             g = 0.5 * (g + tf.transpose(g))
             trace = tf.linalg.trace(g)
             ok = trace >= self.norm_eps

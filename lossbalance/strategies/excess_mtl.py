@@ -2,6 +2,7 @@
 
 import tensorflow as tf
 
+from lossbalance import solvers
 from lossbalance.strategies.base import check_number
 from lossbalance.strategies.parameter_state import ParameterStateAggregator
 from lossbalance.strategies.registry import register
@@ -59,7 +60,7 @@ class ExcessMTL(ParameterStateAggregator):
         self.check_parameter_state(jacobian)
         j = tf.convert_to_tensor(jacobian)
         dtype = j.dtype
-        j = tf.where(tf.math.is_finite(j), j, tf.zeros_like(j))
+        j = solvers.finite_or_zero(j)
         sums = tf.cast(self.squared_sums, dtype) + j * j
         self.squared_sums.assign(tf.cast(sums, self.squared_sums.dtype))
         risks = tf.reduce_sum(j * j / tf.sqrt(sums + 1e-7), axis=1)

@@ -3,6 +3,7 @@
 import keras
 import tensorflow as tf
 
+from lossbalance import solvers
 from lossbalance.strategies.base import JacobianAggregator, check_number
 from lossbalance.strategies.registry import register
 
@@ -44,7 +45,7 @@ class GradDrop(JacobianAggregator):
 
     def aggregate(self, jacobian, losses):
         j = tf.convert_to_tensor(jacobian)
-        j = tf.where(tf.math.is_finite(j), j, tf.zeros_like(j))
+        j = solvers.finite_or_zero(j)
         total = tf.reduce_sum(j, axis=0)
         magnitude = tf.reduce_sum(tf.abs(j), axis=0)
         purity = 0.5 * (1.0 + tf.math.divide_no_nan(total, magnitude))

@@ -1,8 +1,8 @@
 """Gradient Vaccine: adaptive gradient-similarity targets (Wang et al., 2021)."""
 
-import keras
 import tensorflow as tf
 
+from lossbalance import solvers
 from lossbalance.strategies.base import GramianWeighting, check_number
 from lossbalance.strategies.registry import register
 
@@ -52,10 +52,8 @@ class GradVac(GramianWeighting):
     def gramian_weights(self, gramian, losses):
         k = self.num_tasks
         g = tf.cast(gramian, tf.float64)
-        g = tf.where(tf.math.is_finite(g), g, tf.zeros_like(g))
-        scores = keras.random.uniform((k, k), seed=self.seed_generator)
-        scores = scores + 2.0 * tf.eye(k)
-        orders = tf.argsort(scores, axis=1)[:, : k - 1]
+        g = solvers.finite_or_zero(g)
+        orders = solvers.random_orders(self.seed_generator, k)
         norms = tf.sqrt(tf.maximum(tf.linalg.diag_part(g), 0.0))
         targets = tf.cast(self.targets, tf.float64)
         coefficients = tf.eye(k, dtype=tf.float64)

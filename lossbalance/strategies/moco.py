@@ -86,7 +86,7 @@ class MoCo(ParameterStateAggregator):
         self.check_parameter_state(jacobian)
         j = tf.convert_to_tensor(jacobian)
         dtype = j.dtype
-        j = tf.where(tf.math.is_finite(j), j, tf.zeros_like(j))
+        j = solvers.finite_or_zero(j)
         if self.normalization == "loss":
             norms = tf.norm(j, axis=1, keepdims=True)
             scale = tf.math.divide_no_nan(tf.cast(losses, dtype)[:, None], norms)

@@ -67,7 +67,7 @@ class NashMTL(GramianWeighting):
         cosines, norms = solvers.cosine_gramian(gramian)
         b = tf.cast(solvers.power_barrier_solve(cosines, alpha=1.0), tf.float64)
         g = tf.cast(gramian, tf.float64)
-        frobenius = tf.norm(tf.where(tf.math.is_finite(g), g, tf.zeros_like(g)))
+        frobenius = tf.norm(solvers.finite_or_zero(g))
         return solvers.divide_by_norms(b, norms) * tf.sqrt(frobenius)
 
     def gramian_weights(self, gramian, losses):

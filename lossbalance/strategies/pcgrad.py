@@ -1,8 +1,8 @@
 """PCGrad: projecting conflicting gradients (Yu et al., 2020)."""
 
-import keras
 import tensorflow as tf
 
+from lossbalance import solvers
 from lossbalance.strategies.base import GramianWeighting
 from lossbalance.strategies.registry import register
 
@@ -40,10 +40,7 @@ class PCGrad(GramianWeighting):
 
     def projection_orders(self):
         """(K, K-1) int tensor: row i is the random order in which task i visits the others."""
-        k = self.num_tasks
-        scores = keras.random.uniform((k, k), seed=self.seed_generator)
-        scores = scores + 2.0 * tf.eye(k)  # a task comes after all others: drop it below
-        return tf.argsort(scores, axis=1)[:, : k - 1]
+        return solvers.random_orders(self.seed_generator, self.num_tasks)
 
     def gramian_weights(self, gramian, losses):
         k = self.num_tasks

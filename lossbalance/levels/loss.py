@@ -26,8 +26,8 @@ class LossLevel(Level):
         tasks = transformed_task_losses(strategy, self.model._task_losses.weighted(raw_losses),
                                         separate=self.persistent_tape)
         losses = tf.stack(tasks)
-        other = add(regularization, strategy.extra_loss(losses))
-        weights = strategy.loss_weights(losses)
+        weights, extra = strategy.weighting(losses)
+        other = add(regularization, extra)
         objective = add(tf.reduce_sum(weights * losses), other)
         return Objectives(raw=raw_losses, tasks=tasks, losses=losses, other=other,
                           weights=weights, objective=objective,

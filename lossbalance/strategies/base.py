@@ -245,8 +245,16 @@ class LossWeighting(Strategy):
     family = "loss"
 
     def loss_weights(self, losses: tf.Tensor) -> tf.Tensor:
-        """(K,) task losses -> (K,) weights. Called inside the model's gradient tape."""
+        """(K,) task losses -> (K,) weights."""
         raise NotImplementedError
+
+    def weighting(self, losses: tf.Tensor):
+        """Everything a training step needs from the strategy, in one call inside the
+        model's gradient tape: ((K,) weights, extra scalar term or None). By default
+        `extra_loss` then `loss_weights`; a strategy whose two share work (a scalarisation's
+        value and its gradient, learned scales read once) overrides this instead."""
+        extra = self.extra_loss(losses)
+        return self.loss_weights(losses), extra
 
     def extra_loss(self, losses: tf.Tensor) -> tf.Tensor | None:
         """An extra scalar term added to the objective (e.g. a log-variance penalty)."""

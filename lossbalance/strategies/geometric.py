@@ -11,7 +11,7 @@ with w_k = dS/dL_k held constant (stop_gradient), which gives exactly these grad
 
 import tensorflow as tf
 
-from lossbalance.strategies._loss_utils import global_losses, per_step, surrogate_offset
+from lossbalance.strategies._loss_utils import global_losses, surrogate_offset
 from lossbalance.strategies.base import LossWeighting, check_number
 from lossbalance.strategies.registry import register
 
@@ -32,22 +32,18 @@ class _LogScalarisation(LossWeighting):
     def scalarise(self, positive):
         raise NotImplementedError
 
-    def _weights_and_value(self, losses):
-        """(weights, value, global losses), computed once per step (see `per_step`)."""
-        return per_step(self, "weights", losses, lambda: self._compute(losses))
-
-    def _compute(self, losses):
-        total = tf.cast(global_losses(losses, owner=self), tf.float32)
+    def weighting(self, losses):
+        """w_k = dS/dL_k, and the offset that makes the logged objective S itself."""
+        total = tf.cast(global_losses(losses), tf.float32)
         weights, value = self.scalarise(tf.maximum(total, self.epsilon))
-        return weights, value, total
+        return (tf.stop_gradient(tf.cast(weights, losses.dtype)),
+                tf.cast(surrogate_offset(value, weights, total), losses.dtype))
 
     def loss_weights(self, losses):
-        weights, _, _ = self._weights_and_value(losses)
-        return tf.stop_gradient(tf.cast(weights, losses.dtype))
+        return self.weighting(losses)[0]
 
     def extra_loss(self, losses):
-        weights, value, total = self._weights_and_value(losses)
-        return tf.cast(surrogate_offset(value, weights, total), losses.dtype)
+        return self.weighting(losses)[1]
 
     def get_config(self):
         return {**super().get_config(), "epsilon": self.epsilon}

@@ -2,7 +2,7 @@
 
 import tensorflow as tf
 
-from lossbalance.strategies._loss_utils import global_losses, per_step, surrogate_offset
+from lossbalance.strategies._loss_utils import global_losses, surrogate_offset
 from lossbalance.strategies.base import LossWeighting, check_number
 from lossbalance.strategies.registry import register
 from lossbalance.variables import assign_add
@@ -105,12 +105,9 @@ class SmoothTchebycheff(LossWeighting):
         self.warmup_factor.assign(0.0 if on else 1.0)
         self.stch_factor.assign(float(self.num_tasks) if on else 0.0)
 
-    def _weights_and_value(self, losses):
-        """(weights, value, global losses), computed once per step (see `per_step`)."""
-        return per_step(self, "weights", losses, lambda: self._compute(losses))
-
     def _compute(self, losses):
-        total = tf.cast(global_losses(losses, owner=self), tf.float32)
+        """(weights, value of the scalarisation, global losses)."""
+        total = tf.cast(global_losses(losses), tf.float32)
         positive = tf.maximum(total, self.epsilon)
         log_positive = tf.math.log(positive)
         if self.log_losses:
@@ -144,16 +141,21 @@ class SmoothTchebycheff(LossWeighting):
         value = warmup * tf.reduce_sum(log_positive) + stch * stch_value
         return weights, value, total
 
-    def loss_weights(self, losses):
-        """This step's weights; adds the losses to the epoch's sums for the nadir."""
-        weights, _, total = self._weights_and_value(losses)
+    def weighting(self, losses):
+        """This step's weights and the offset that makes the logged objective S; adds the
+        losses to the epoch's sums for the nadir."""
+        weights, value, total = self._compute(losses)
         if self.normalize:  # every epoch; `on_epoch_end` uses the recording epoch's sums
             assign_add(self.nadir_sum, total)
             assign_add(self.nadir_steps, 1.0)
-        return tf.stop_gradient(tf.cast(weights, losses.dtype))
+        return (tf.stop_gradient(tf.cast(weights, losses.dtype)),
+                tf.cast(surrogate_offset(value, weights, total), losses.dtype))
+
+    def loss_weights(self, losses):
+        return self.weighting(losses)[0]
 
     def extra_loss(self, losses):
-        weights, value, total = self._weights_and_value(losses)
+        weights, value, total = self._compute(losses)
         return tf.cast(surrogate_offset(value, weights, total), losses.dtype)
 
     def on_epoch_end(self, epoch):

@@ -6,7 +6,7 @@ import keras
 import tensorflow as tf
 
 from lossbalance.replicas import replica_share
-from lossbalance.strategies._loss_utils import global_losses, per_step
+from lossbalance.strategies._loss_utils import global_losses
 from lossbalance.strategies.base import LossWeighting, check_choice, check_number, resolve_per_task
 from lossbalance.strategies.registry import register
 
@@ -176,15 +176,11 @@ class UncertaintyWeighting(LossWeighting):
 
     def _log_variance(self, losses):
         """(s for this step, the global losses or None): the variable's value, or at the
-        first step the first batch's optimum. Computed once per traced step (`per_step`):
-        `extra_loss` and `loss_weights` see the same values."""
+        first step the first batch's optimum."""
         if not self.starts_at_first_batch:
             return tf.cast(self.log_variance, losses.dtype), None
-        return per_step(self, "log_variance", losses, lambda: self._starting(losses))
-
-    def _starting(self, losses):
         s = tf.cast(self.log_variance, losses.dtype)
-        total = tf.cast(global_losses(losses, owner=self), losses.dtype)
+        total = tf.cast(global_losses(losses), losses.dtype)
         scales = tf.cast(self._scales, losses.dtype)
         # a loss <= 0 has no optimum (the method needs L > 0): that task starts at s = 0
         optimum = tf.where(total > 0, tf.math.log(tf.maximum(2.0 * scales * total,
@@ -193,26 +189,34 @@ class UncertaintyWeighting(LossWeighting):
         # step s is at the batch optimum, where that gradient is 0 anyway
         return tf.where(tf.cast(self.started, tf.bool), s, optimum), total
 
-    def loss_weights(self, losses):
+    def weighting(self, losses):
+        """The weights c_k exp(-s_k) and the term (1/2) sum_k s_k, from one s; at the first
+        step s is then stored, and with an own optimizer s takes its step."""
         s, total = self._log_variance(losses)
+        extra = self._extra(s)
         scales = tf.cast(self._scales, losses.dtype)
         weights = scales * tf.exp(-s)
         if self.starts_at_first_batch:
             self.log_variance.assign(tf.cast(tf.stop_gradient(s), self.log_variance.dtype))
             self.started.assign(1.0)
         if self.learning_rate is None:
-            return weights
+            return weights, extra
         if total is None:
-            total = tf.cast(global_losses(losses, owner=self), losses.dtype)
+            total = tf.cast(global_losses(losses), losses.dtype)
         # d/ds_k of c_k exp(-s_k) L_k + s_k / 2 on the (global) batch; every replica computes
         # it alike and the optimizer sums the replicas' shares
         gradient = 0.5 - tf.stop_gradient(weights) * total
         self.variance_optimizer.apply(
             [replica_share(tf.cast(gradient, self.log_variance.dtype))], [self.log_variance])
-        return tf.stop_gradient(weights)
+        return tf.stop_gradient(weights), extra
+
+    def loss_weights(self, losses):
+        return self.weighting(losses)[0]
 
     def extra_loss(self, losses):
-        s, _ = self._log_variance(losses)
+        return self._extra(self._log_variance(losses)[0])
+
+    def _extra(self, s):
         if self.learning_rate is not None:
             s = tf.stop_gradient(s)  # a logged value only: s has its own optimizer
         # Every replica adds this term and the optimizer sums their gradients: divide by

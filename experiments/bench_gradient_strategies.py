@@ -1,7 +1,7 @@
 """Cost of gradient-level balancing against plain Keras, and of the Gramian solvers.
 
     python experiments/bench_gradient_strategies.py [--trunks mlp conv] [--tasks 2 8 32]
-        [--strategy mgda] [--xla off on] [--vectorize] [--memory] [--quick]
+        [--strategy mgda] [--xla off on] [--vectorize] [--float32] [--memory] [--quick]
 
 Part 1 trains the same multi-head network with plain Keras (`keras.Model`, the per-head
 losses summed, one backward pass) and with `BalancedModel` under one gradient strategy at
@@ -111,13 +111,15 @@ def make_dataset(trunk, num_tasks, seed=0):
 
 
 def configs(args):
-    """The configurations timed: plain Keras, both levels, and maybe the vectorised one."""
-    return ("keras", *LEVELS, *(("vectorized",) if args.vectorize else ()))
+    """The configurations timed: plain Keras, both levels, and maybe the vectorised one and
+    the parameter level with `precision="float32"`."""
+    return ("keras", *LEVELS, *(("vectorized",) if args.vectorize else ()),
+            *(("float32",) if args.float32 else ()))
 
 
 def make_model(config, trunk, num_tasks, strategy, xla):
-    """`config`: "keras", a gradient level, or "vectorized" (the parameter level with
-    `vectorize=True`)."""
+    """`config`: "keras", a gradient level, "vectorized" (the parameter level with
+    `vectorize=True`) or "float32" (the parameter level with `precision="float32"`)."""
     optimizer = keras.optimizers.Adam(1e-3)
     if config == "keras":
         model = build(keras.Model, trunk, num_tasks)
@@ -126,8 +128,9 @@ def make_model(config, trunk, num_tasks, strategy, xla):
         model = build(lossbalance.BalancedModel, trunk, num_tasks)
         vectorize = config == "vectorized"
         model.compile(optimizer=optimizer, loss=losses_for(num_tasks), strategy=strategy,
-                      gradients="parameters" if vectorize else config, vectorize=vectorize,
-                      jit_compile=xla)
+                      gradients=config if config in LEVELS else "parameters",
+                      vectorize=vectorize, jit_compile=xla,
+                      precision="float32" if config == "float32" else "float64")
     return model
 
 
@@ -228,6 +231,9 @@ def main(argv=None):
     parser.add_argument("--xla", nargs="+", choices=["off", "on"], default=["off", "on"])
     parser.add_argument("--vectorize", action="store_true",
                         help="also time the parameter level with compile(vectorize=True)")
+    parser.add_argument("--float32", action="store_true",
+                        help="also time the parameter level with compile(precision="
+                             "'float32'): the Gramian and J^T w accumulated in float32")
     parser.add_argument("--memory", action="store_true",
                         help="also measure peak memory (one fresh process per configuration)")
     parser.add_argument("--solvers", nargs="*", default=SOLVERS,
@@ -260,7 +266,8 @@ def main(argv=None):
           f"same XLA setting ({device}, {os.cpu_count()} cores; {args.rounds} rounds x "
           f"{args.steps} steps; [quartiles] of per-round ratios; targets judged on the "
           "ratio's 95% interval)\n")
-    names = {"keras": "keras", "vectorized": "vectorised parameters", **{l: l for l in LEVELS}}
+    names = {"keras": "keras", "vectorized": "vectorised parameters",
+             "float32": "parameters (float32)", **{l: l for l in LEVELS}}
     timed = configs(args)[1:]
     memory_header = "".join(f" {names[c]} MiB |" for c in configs(args)) if args.memory else ""
     print("| trunk | K | XLA | keras ms |" + "".join(f" {names[c]} / keras |" for c in timed)

@@ -168,24 +168,26 @@ class TaskGradients:
         return tf.concat(
             [tf.reshape(self.stacked(i), (self.num_tasks, -1)) for i in self.shared], axis=1)
 
-    def combine(self, weights) -> dict:
+    def combine(self, weights, dtype=tf.float64) -> dict:
         """J^T w for every shared variable: {variable index: gradient}, accumulated in
-        float64 and rounded once to the gradients' dtype. Near Pareto stationarity the
-        update is much shorter than the weighted gradients it sums (and with tasks on
-        different scales the weights span orders of magnitude), so a float32 sum would
-        leave it conflicting with a task by float32's epsilon times that ratio."""
-        weights = tf.cast(weights, tf.float64)
+        `dtype` (None: the gradients' own) and rounded once to the gradients' dtype.
+        Float64 by default: near Pareto stationarity the update is much shorter than the
+        weighted gradients it sums (and with tasks on different scales the weights span
+        orders of magnitude), so a float32 sum would leave it conflicting with a task by
+        float32's epsilon times that ratio."""
         result, each = {}, None
         for i in self.shared:
             if self._direct(i):
+                rows = [(k, g[i]) for k, g in enumerate(self.per_task) if g[i] is not None]
+                exact = dtype or rows[0][1].dtype
                 if each is None:
-                    each = tf.unstack(weights, num=self.num_tasks)
-                rows = [(w, g[i]) for w, g in zip(each, self.per_task) if g[i] is not None]
-                total = tf.add_n([w * tf.cast(g, tf.float64) for w, g in rows])
+                    each = tf.unstack(tf.cast(weights, exact), num=self.num_tasks)
+                total = tf.add_n([each[k] * tf.cast(g, exact) for k, g in rows])
                 result[i] = tf.cast(total, rows[0][1].dtype)
             else:
                 stacked = self.stacked(i)
-                total = tf.tensordot(weights, tf.cast(stacked, tf.float64), axes=1)
+                exact = dtype or stacked.dtype
+                total = tf.tensordot(tf.cast(weights, exact), tf.cast(stacked, exact), axes=1)
                 result[i] = tf.cast(total, stacked.dtype)
         return result
 

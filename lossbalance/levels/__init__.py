@@ -16,6 +16,6 @@ The family dispatch they share with `lossbalance.aggregate` and `inspect_batch` 
 `lossbalance.combination`. docs/architecture.md shows how a step flows through them.
 """
 
-from lossbalance.levels.base import GRADIENT_LEVELS, Level, Objectives, make_level
+from lossbalance.levels.base import GRADIENT_LEVELS, PRECISIONS, Level, Objectives, make_level
 
-__all__ = ["GRADIENT_LEVELS", "Level", "Objectives", "make_level"]
+__all__ = ["GRADIENT_LEVELS", "PRECISIONS", "Level", "Objectives", "make_level"]

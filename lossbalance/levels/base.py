@@ -12,6 +12,8 @@ from lossbalance.strategies.base import Strategy
 
 #: `compile(gradients=...)`: where gradient-level strategies balance the tasks.
 GRADIENT_LEVELS = ("parameters", "representation", "auto")
+#: `compile(precision=...)`: the dtype the Gramian and J^T w are accumulated in.
+PRECISIONS = ("float64", "float32")
 
 
 def add(a, b):
@@ -72,6 +74,8 @@ class Level:
 
     #: `BalancedModel.gradient_level`: "parameters", "representation" or None.
     name: str | None = None
+    #: The dtype the Gramian and the combination J^T w are accumulated in.
+    accumulate = tf.float64
 
     def __init__(self, model, strategy):
         self.model, self.strategy = model, strategy
@@ -98,9 +102,18 @@ class Level:
 
 
 def make_level(model, strategy, task_losses, gradients="parameters", representation=None,
-               vectorize=False) -> Level:
-    """The level `compile(gradients=..., representation=..., vectorize=...)` asks for, with
-    its arguments checked against the strategy and the model."""
+               vectorize=False, precision="float64") -> Level:
+    """The level `compile(gradients=..., representation=..., vectorize=...,
+    precision=...)` asks for, with its arguments checked against the strategy and the
+    model."""
+    level = _make_level(model, strategy, task_losses, gradients, representation, vectorize)
+    if precision not in PRECISIONS:
+        raise ValueError(f"`precision` must be one of {list(PRECISIONS)}; got {precision!r}.")
+    level.accumulate = tf.as_dtype(precision)
+    return level
+
+
+def _make_level(model, strategy, task_losses, gradients, representation, vectorize):
     from lossbalance.levels.loss import LossLevel
     from lossbalance.levels.parameters import ParameterLevel
     from lossbalance.levels.representation import RepresentationLevel

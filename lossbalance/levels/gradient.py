@@ -90,7 +90,7 @@ class GradientLevel(Level):
         own_columns = None
 
         def gramian():
-            g = gradients.gramian()
+            g = tf.cast(gradients.gramian(self.accumulate), tf.float64)
             if local_rows:
                 g = replicas.sum_over_replicas(g)
             return g if scale is None else g / tf.cast(scale, g.dtype) ** 2
@@ -106,7 +106,7 @@ class GradientLevel(Level):
                                                    jacobian=jacobian, solve=self.solve)
         if direction is None:
             weights = tf.cast(weights, losses.dtype)
-            update = gradients.combine(weights)
+            update = gradients.combine(weights, self.accumulate)
         else:
             if scale is not None:
                 direction *= tf.cast(scale, direction.dtype)

@@ -163,6 +163,17 @@ class TaskGradients:
             tf.stack([entry.get((min(k, l), max(k, l)), zero) for l in range(self.num_tasks)])
             for k in range(self.num_tasks)])
 
+    def cross_gramian(self, other: "TaskGradients", dtype=tf.float64) -> tf.Tensor:
+        """A = J_self J_other^T (K x K, not symmetric in general) over the shared variables:
+        the products of two sets of per-task gradients of the same variables (e.g. of two
+        independent halves of a batch)."""
+        total = tf.zeros((self.num_tasks, self.num_tasks), dtype)
+        for i in self.shared:
+            a = tf.cast(tf.reshape(self.stacked(i), (self.num_tasks, -1)), dtype)
+            b = tf.cast(tf.reshape(other.stacked(i), (self.num_tasks, -1)), dtype)
+            total += tf.matmul(a, b, transpose_b=True)
+        return total
+
     def jacobian(self) -> tf.Tensor:
         """J (K x P): the flattened per-task gradients on the shared variables."""
         return tf.concat(

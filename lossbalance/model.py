@@ -82,7 +82,7 @@ class BalancedModel(keras.Model):
         self._task_losses = None
         self._guard = None
         self._balancing_config = None
-        self._level = None  # a `lossbalance.levels.Level`, set by compile
+        self.__dict__["_level"] = None  # a `lossbalance.levels.Level`, set by compile
 
     # -- compile -------------------------------------------------------------------------
 
@@ -152,9 +152,6 @@ class BalancedModel(keras.Model):
         """
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"`nonfinite` must be None, 'skip' or 'raise'; got {nonfinite!r}.")
-        if gradients not in GRADIENT_LEVELS:
-            raise ValueError(f"`gradients` must be one of {list(GRADIENT_LEVELS)}; got "
-                             f"{gradients!r}.")
         task_losses = TaskLosses(loss, loss_weights, self._known_output_names())
         strategy = strategies.get(strategy)
         strategy.bind(task_losses.names)
@@ -259,7 +256,8 @@ class BalancedModel(keras.Model):
             z, y_pred = level.forward(x)
             variables = self.trainable_variables  # after the call: it builds subclassed models
             raw_losses = self._task_losses(y, y_pred, sample_weight, training=True)
-            step = level.objectives(raw_losses, self._regularization_loss())
+            step = level.objectives(raw_losses, self._regularization_loss(),
+                                    (y, y_pred, sample_weight))
         grads, weights, objective, logged_losses = level.gradients(tape, step, variables, z)
         del tape
         skipped = self._guarded_update(snapshot, grads, raw_losses,

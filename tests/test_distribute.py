@@ -38,6 +38,8 @@ MIRRORED_RUNS = [
     {"strategy": "imtl"},
     {"strategy": "db_mtl"},
     {"strategy": "graddrop"},
+    {"strategy": "modo"},  # two independent halves of each replica's rows
+    {"strategy": "sdmgrad"},
     {"strategy": "mgda", "vectorize": True},
     {"strategy": "mean", "gradients": "representation"},
     {"strategy": "mgda", "gradients": "representation"},

@@ -91,7 +91,9 @@ class Level:
         """(z or None, y_pred): the forward pass, in training mode."""
         return None, self.model(x, training=True)
 
-    def objectives(self, raw_losses, regularization) -> Objectives:
+    def objectives(self, raw_losses, regularization, batch=None) -> Objectives:
+        """What the step differentiates, from the K task losses, the regularisation term
+        (or None) and the batch (y, y_pred, sample_weight), inside the tape."""
         raise NotImplementedError
 
     def gradients(self, tape, step: Objectives, variables, z):
@@ -114,6 +116,7 @@ def make_level(model, strategy, task_losses, gradients="parameters", representat
 
 
 def _make_level(model, strategy, task_losses, gradients, representation, vectorize):
+    from lossbalance.levels.halves import HalfBatchLevel
     from lossbalance.levels.loss import LossLevel
     from lossbalance.levels.parameters import ParameterLevel
     from lossbalance.levels.representation import RepresentationLevel
@@ -126,6 +129,12 @@ def _make_level(model, strategy, task_losses, gradients, representation, vectori
     if vectorize not in (True, False):
         raise ValueError(f"`vectorize` must be True or False; got {vectorize!r}.")
     positions = [task.position for task in task_losses.tasks]
+    if strategy.uses_independent_halves:
+        if vectorize:
+            raise ValueError(
+                f"Strategy {name!r} takes its weights from two independent halves of each "
+                "batch, which vectorize=True does not provide; leave `vectorize` out.")
+    parameter_level = HalfBatchLevel if strategy.uses_independent_halves else ParameterLevel
     if vectorize:
         if strategy.family == "loss":
             raise ValueError(
@@ -158,10 +167,10 @@ def _make_level(model, strategy, task_losses, gradients, representation, vectori
             raise ValueError(
                 f"representation={representation!r} is only used with "
                 "gradients='representation' or 'auto', or with vectorize=True.")
-        return ParameterLevel(model, strategy)
+        return parameter_level(model, strategy)
     if "representation" not in strategy.gradient_levels:
         if gradients == "auto":
-            return ParameterLevel(model, strategy)
+            return parameter_level(model, strategy)
         raise ValueError(
             f"Strategy {name!r} is only defined at the parameter level (it keeps state "
             "for every shared parameter); use gradients='parameters'.")
@@ -170,5 +179,5 @@ def _make_level(model, strategy, task_losses, gradients, representation, vectori
                                    RepresentationForward(model, positions, representation))
     except RepresentationError:
         if gradients == "auto" and representation is None:
-            return ParameterLevel(model, strategy)
+            return parameter_level(model, strategy)
         raise

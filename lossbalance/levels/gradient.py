@@ -29,7 +29,7 @@ class GradientLevel(Level):
                 self.solve = tf.function(strategy.gramian_weights, jit_compile=True,
                                          autograph=False)
 
-    def objectives(self, raw_losses, regularization) -> Objectives:
+    def objectives(self, raw_losses, regularization, batch=None) -> Objectives:
         strategy, scale = self.strategy, self.model.optimizer.scale_loss
         # global values, local gradients (tf.distribute)
         raw = [replicas.with_global_value(loss) for loss in raw_losses]
@@ -55,8 +55,7 @@ class GradientLevel(Level):
         other = None
         if step.scaled["other"] is not None:
             other = tape.gradient(step.scaled["other"], [v.value for v in model_variables])
-        grads, weights = self.task_update(tape, step.scaled["tasks"], step.losses,
-                                          model_variables, other, z)
+        grads, weights = self.task_update(tape, step, model_variables, other, z)
         by_id = dict(zip(map(id, model_variables), grads))
         if own:
             by_id.update(zip(map(id, own), map(replicas.replica_share,
@@ -65,8 +64,10 @@ class GradientLevel(Level):
                         global_value(step.other))
         return [by_id[id(v)] for v in variables], weights, objective, step.raw
 
-    def task_update(self, tape, scaled_losses, losses, variables, other, z):
-        """(gradients of `variables`, weights): the per-task gradients, combined."""
+    def task_update(self, tape, step, variables, other, z):
+        """(gradients of `variables`, weights): the per-task gradients of the step's
+        loss-scaled task losses, combined; `other` holds the gradients of the rest of the
+        objective (regularisation), or is None."""
         raise NotImplementedError
 
     def combine_shared(self, gradients, losses, local_rows=False):

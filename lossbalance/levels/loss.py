@@ -21,7 +21,7 @@ class LossLevel(Level):
     def persistent_tape(self) -> bool:
         return self.strategy.uses_layer_gradients  # per-task gradients at one layer
 
-    def objectives(self, raw_losses, regularization) -> Objectives:
+    def objectives(self, raw_losses, regularization, batch=None) -> Objectives:
         strategy = self.strategy
         tasks = transformed_task_losses(strategy, self.model._task_losses.weighted(raw_losses),
                                         separate=self.persistent_tape)

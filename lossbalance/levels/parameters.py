@@ -28,10 +28,10 @@ class ParameterLevel(GradientLevel):
     def task_gradients(self, tape, scaled_losses, variables, z) -> TaskGradients:
         return TaskGradients(task_gradients(tape, scaled_losses, variables), variables)
 
-    def task_update(self, tape, scaled_losses, losses, variables, other, z):
-        gradients = self.task_gradients(tape, scaled_losses, variables, z)
+    def task_update(self, tape, step, variables, other, z):
+        gradients = self.task_gradients(tape, step.scaled["tasks"], variables, z)
         self.check(gradients)
-        shared, weights = self.combine_shared(gradients, losses)
+        shared, weights = self.combine_shared(gradients, step.losses)
         return gradients.gradients(shared, other), weights
 
     def check(self, gradients) -> None:

@@ -24,12 +24,12 @@ class RepresentationLevel(GradientLevel):
     def forward(self, x):
         return self.trunk.forward(x, training=True)
 
-    def task_update(self, tape, scaled_losses, losses, variables, other, z):
+    def task_update(self, tape, step, variables, other, z):
         trunk, heads = self.trunk.split(tape, z, variables)
         sources = [z] + [variables[i] for i in heads]
-        gradients = TaskGradients(task_gradients(tape, scaled_losses, sources), sources)
+        gradients = TaskGradients(task_gradients(tape, step.scaled["tasks"], sources), sources)
         self.check(gradients)
-        shared, weights = self.combine_shared(gradients, losses, local_rows=True)
+        shared, weights = self.combine_shared(gradients, step.losses, local_rows=True)
         grads = [None] * len(variables)
         trunk_grads = tape.gradient(z, [variables[i].value for i in trunk],
                                     output_gradients=shared[0])

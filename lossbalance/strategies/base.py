@@ -81,6 +81,12 @@ class Strategy(keras.layers.Layer):
     #: Whether a gradient-level strategy reads the task losses (MGDA's loss
     #: normalisations); `lossbalance.aggregate` then asks for them.
     uses_losses: bool = False
+    #: When True (a Gramian weighting, parameter level), `BalancedModel` splits each batch
+    #: into two independent halves (even and odd rows) and `gramian_weights` receives
+    #: A = J1 J2^T of their task gradients instead of G (`lossbalance.levels.halves`);
+    #: the update is J^T w of the whole batch (MoDo, SDMGrad). Given one Jacobian
+    #: (`lossbalance.aggregate`), A = G.
+    uses_independent_halves: bool = False
 
     def __init__(self, name=None, **kwargs):
         unknown = sorted(set(kwargs) - _LAYER_ARGUMENTS)

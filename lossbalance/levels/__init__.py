@@ -7,6 +7,7 @@ strategy's weights:
     loss.py            LossLevel: weights from the losses, one backward pass of sum_k w_k L_k
                        (layer_norms.py: per-task gradient norms at one layer, for GradNorm)
     parameters.py      ParameterLevel: each task's exact gradient on the shared parameters
+    halves.py          HalfBatchLevel: the same, weights from two independent half-batches
     vectorized.py      VectorizedLevel: the same, the trunk's K passes vectorised through z
     representation.py  RepresentationLevel: per-task gradients at z, one pass through the trunk
     gradient.py        GradientLevel: what the three gradient levels share

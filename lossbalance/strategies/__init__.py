@@ -22,8 +22,10 @@ from lossbalance.strategies.gradnorm import GradNorm  # noqa: E402
 from lossbalance.strategies.imtl_l import IMTLL  # noqa: E402
 from lossbalance.strategies.pcgrad import PCGrad  # noqa: E402
 from lossbalance.strategies.rlw import RandomLossWeighting  # noqa: E402
+from lossbalance.strategies.scalarisations import COSMOS, PBI  # noqa: E402
 from lossbalance.strategies.stch import SmoothTchebycheff  # noqa: E402
 from lossbalance.strategies.uncertainty import UncertaintyWeighting  # noqa: E402
+from lossbalance.strategies.uw_so import SoftOptimalUncertaintyWeighting  # noqa: E402
 from lossbalance.strategies.aligned_mtl import AlignedMTL  # noqa: E402
 from lossbalance.strategies.cagrad import CAGrad  # noqa: E402
 from lossbalance.strategies.conflict_free import ConFIG  # noqa: E402
@@ -43,6 +45,7 @@ from lossbalance.strategies.reference import Mean, RandomWeights, Sum  # noqa: E
 __all__ = [
     "AlignedMTL",
     "CAGrad",
+    "COSMOS",
     "ConFIG",
     "DBMTL",
     "DualProj",
@@ -56,6 +59,7 @@ __all__ = [
     "Mean",
     "MoCo",
     "NashMTL",
+    "PBI",
     "ParameterStateAggregator",
     "RandomWeights",
     "Sum",
@@ -73,6 +77,7 @@ __all__ = [
     "RandomLossWeighting",
     "ScaleInvariant",
     "SmoothTchebycheff",
+    "SoftOptimalUncertaintyWeighting",
     "Strategy",
     "UncertaintyWeighting",
     "aliases",

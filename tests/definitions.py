@@ -254,11 +254,37 @@ def db_mtl_first_step(j, beta=0.9):
     return ((norms.max() / norms)[:, None] * m).sum(axis=0)
 
 
+def krum(j, n_byzantine=0, n_selected=1, distance="squared"):
+    """(Multi-)Krum's weights: each row scored by the sum of its (squared, or plain)
+    distances to the K - f - 2 nearest other rows, computed on the rows themselves; the
+    n_selected lowest scores share the weight equally (rows tied at the n_selected-th
+    score share what is left)."""
+    k = len(j)
+    differences = j[:, None, :] - j[None, :, :]
+    distances = np.sum(differences ** 2, axis=2)
+    if distance == "euclidean":
+        distances = np.sqrt(distances)
+    np.fill_diagonal(distances, np.inf)
+    scores = np.sort(distances, axis=1)[:, : k - n_byzantine - 2].sum(axis=1)
+    cut = np.sort(scores)[n_selected - 1]
+    below, at = scores < cut, scores == cut
+    return np.where(below, 1.0 / n_selected, 0.0) + np.where(
+        at, (n_selected - below.sum()) / (n_selected * at.sum()), 0.0)
+
+
+def trimmed_mean(j, trim_number=1):
+    """The coordinate-wise trimmed mean: per column, the t largest and t smallest values
+    dropped and the rest averaged. Returns the update."""
+    k = len(j)
+    return np.sort(j, axis=0)[trim_number: k - trim_number].mean(axis=0)
+
+
 #: name -> (function returning weights, or the update when `returns_update`)
 WEIGHTS = {
     "mean": mean, "sum": total, "imtl_g": imtl_g, "imtl": imtl_g, "mgda": mgda,
     "cagrad": cagrad, "nash_mtl": nash_mtl, "fairgrad": fairgrad,
     "aligned_mtl": aligned_mtl, "upgrad": upgrad, "dualproj": dualproj,
+    "constant": total,  # its default weights, all 1
 }
 UPDATES = {"config": config}
 

@@ -29,6 +29,8 @@ from lossbalance.strategies.uw_so import SoftOptimalUncertaintyWeighting  # noqa
 from lossbalance.strategies.aligned_mtl import AlignedMTL  # noqa: E402
 from lossbalance.strategies.cagrad import CAGrad  # noqa: E402
 from lossbalance.strategies.conflict_free import ConFIG  # noqa: E402
+from lossbalance.strategies.constant import Constant  # noqa: E402
+from lossbalance.strategies.crmogm import CRMOGM  # noqa: E402
 from lossbalance.strategies.db_mtl import DBMTL  # noqa: E402
 from lossbalance.strategies.dual_cone import DualProj, UPGrad  # noqa: E402
 from lossbalance.strategies.excess_mtl import ExcessMTL  # noqa: E402
@@ -41,12 +43,15 @@ from lossbalance.strategies.moco import MoCo  # noqa: E402
 from lossbalance.strategies.nash_mtl import NashMTL  # noqa: E402
 from lossbalance.strategies.parameter_state import ParameterStateAggregator  # noqa: E402
 from lossbalance.strategies.reference import Mean, RandomWeights, Sum  # noqa: E402
+from lossbalance.strategies.robust import Krum, TrimmedMean  # noqa: E402
 
 __all__ = [
     "AlignedMTL",
     "CAGrad",
     "COSMOS",
+    "CRMOGM",
     "ConFIG",
+    "Constant",
     "DBMTL",
     "DualProj",
     "ExcessMTL",
@@ -55,6 +60,7 @@ __all__ = [
     "GradVac",
     "IMTL",
     "IMTLG",
+    "Krum",
     "MGDA",
     "Mean",
     "MoCo",
@@ -63,6 +69,7 @@ __all__ = [
     "ParameterStateAggregator",
     "RandomWeights",
     "Sum",
+    "TrimmedMean",
     "UPGrad",
     "DynamicWeightAverage",
     "FAMO",

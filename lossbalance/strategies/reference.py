@@ -32,7 +32,7 @@ class Sum(GramianWeighting):
         return tf.ones([self.num_tasks], gramian.dtype)
 
 
-@register("random")
+@register("random", aliases=("rgw",))
 class RandomWeights(GramianWeighting):
     """Random weights at every step: w = softmax(z), z ~ N(0, I_K).
 
@@ -41,6 +41,12 @@ class RandomWeights(GramianWeighting):
     positive and sum to 1. Since sum_k w_k g_k is also the gradient of sum_k w_k L_k, the
     loss-level form (cheaper, one backward pass) gives the same update. Drawn from a Keras
     `SeedGenerator` (`seed=` or `keras.utils.set_random_seed`).
+
+    Also registered as `rgw`: LibMTL's Random Gradient Weighting (`RGW`, the paper's
+    gradient-level variant) draws `softmax(randn(K))` once per step and weights the task
+    gradients with it, at the parameter or representation level: the same definition
+    (a standard normal draw, a softmax over the tasks, fresh every step), so the two
+    names give the same class and, from the same seed, the same weights.
 
     Args:
         seed: optional int seed.

@@ -313,6 +313,14 @@ class JacobianAggregator(Strategy):
         return None
 
 
+def random_orders(seed_generator, num_tasks):
+    """(K, K - 1) int tensor: row i is a uniformly random order of the tasks other than i
+    (PCGrad's and GradVac's visiting orders), drawn from a Keras `SeedGenerator`."""
+    scores = keras.random.uniform((num_tasks, num_tasks), seed=seed_generator)
+    scores = scores + 2.0 * tf.eye(num_tasks)  # a task comes after all others: drop it
+    return tf.argsort(scores, axis=1)[:, : num_tasks - 1]
+
+
 # -- hyper-parameter validation, shared by all strategies ---------------------------------
 
 

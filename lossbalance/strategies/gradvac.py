@@ -3,7 +3,7 @@
 import tensorflow as tf
 
 from lossbalance import solvers
-from lossbalance.strategies.base import GramianWeighting, check_number
+from lossbalance.strategies.base import GramianWeighting, check_number, random_orders
 from lossbalance.strategies.registry import register
 
 
@@ -53,7 +53,7 @@ class GradVac(GramianWeighting):
         k = self.num_tasks
         g = tf.cast(gramian, tf.float64)
         g = solvers.finite_or_zero(g)
-        orders = solvers.random_orders(self.seed_generator, k)
+        orders = random_orders(self.seed_generator, k)
         norms = tf.sqrt(tf.maximum(tf.linalg.diag_part(g), 0.0))
         targets = tf.cast(self.targets, tf.float64)
         coefficients = tf.eye(k, dtype=tf.float64)

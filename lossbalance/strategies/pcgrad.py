@@ -2,8 +2,7 @@
 
 import tensorflow as tf
 
-from lossbalance import solvers
-from lossbalance.strategies.base import GramianWeighting
+from lossbalance.strategies.base import GramianWeighting, random_orders
 from lossbalance.strategies.registry import register
 
 
@@ -40,7 +39,7 @@ class PCGrad(GramianWeighting):
 
     def projection_orders(self):
         """(K, K-1) int tensor: row i is the random order in which task i visits the others."""
-        return solvers.random_orders(self.seed_generator, self.num_tasks)
+        return random_orders(self.seed_generator, self.num_tasks)
 
     def gramian_weights(self, gramian, losses):
         k = self.num_tasks

@@ -28,12 +28,12 @@ class CRMOGM(GramianWeighting):
     Formula: with w^(G_t) the weights the wrapped strategy `base` gives the step's Gramian
     G_t, the weights used at step t are
         w_1 = w^(G_1),     w_t = alpha w_{t-1} + (1 - alpha) w^(G_t)   (t > 1),
-    and the update is J_t^T w_t. Weighting methods (MGDA, CAGrad, PCGrad, ...) choose their
-    weights from the step's mini-batch gradients alone, so the weights are correlated with
-    the gradients they multiply and the stochastic update is biased: the paper shows MGDA
-    failing to converge to a Pareto optimum on a convex two-task problem for that reason,
-    and proves convergence once the weights are averaged over past steps
-    ("correlation-reduced" MOGM).
+    and the update is J_t^T w_t. Gradient manipulation methods (MGDA, PCGrad, CAGrad, ...)
+    choose their weights from the step's mini-batch gradients alone, so the weights are
+    correlated with the gradients they multiply: the paper gives a convex two-objective
+    instance on which such stochastic methods fail to converge to Pareto optimal
+    solutions for that reason, and proves convergence once the weights are an exponential
+    average over past steps ("correlation-reduced" MOGM).
 
     Design: one wrapper of any registered Gramian weighting, by name or config
     (`{"name": "crmogm", "base": {"name": "cagrad", "c": 0.5}, "alpha": 0.9}`), rather
@@ -55,8 +55,9 @@ class CRMOGM(GramianWeighting):
     Defaults and where implementations differ: `base="mgda"` (the paper's leading
     example), `alpha=0.9` (TorchJD's `CRMOGMWeighting`, whose recurrence and first step are
     these). The paper's analysis lets the coefficient grow towards 1 as the learning rate
-    decays (its Corollary 1); here it is constant. alpha = 0 gives the base strategy
-    itself; alpha = 1 keeps the first step's weights for ever.
+    decays (TorchJD's reading of its Corollary 1: alpha_t = 1 - lr_t / lr_0); here it is
+    a constant. alpha = 0 gives the base strategy itself; alpha = 1 keeps the first step's
+    weights for ever.
 
     Args:
         base: the Gramian weighting whose weights are averaged: a registered name, a config

@@ -61,7 +61,14 @@ def run(benchmarks=BUILT_IN, strategies=None, seeds=None, out=RUNS, results=RESU
                                   errors="continue", failures=failed)
             if runs:
                 report.write_report(runs, out / name)
-            sections.append(_section(name, runs, failed, results))
+            section = _section(name, runs, failed, results)
+            tasks = len(get_benchmark(name).task_names)
+            too_few = [s for s in strategies if runner._tasks_needed(s) > tasks]
+            if too_few:
+                section["markdown"] += (
+                    f"\n\nNot run, defined for more than this benchmark's {tasks} tasks: "
+                    + ", ".join(f"`{s}`" for s in too_few) + ".")
+            sections.append(section)
         except Exception as error:  # noqa: BLE001 (a benchmark that fails: report, go on)
             message = f"{type(error).__name__}: {error}"
             bar.write(f"leaderboard: benchmark {name!r} failed: {message}", file=sys.stderr)

@@ -33,6 +33,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+import lossbalance
 from experiments.benchmarks import get_benchmark
 from lossbalance.model import GRADIENT_LEVELS
 
@@ -98,6 +99,17 @@ def run_label(spec: str, gradients: str = "parameters") -> str:
     if gradients == "parameters" or gradient_level_for(spec, gradients) is None:
         return label
     return f"{label}@{gradients}"
+
+
+def _tasks_needed(label: str) -> int:
+    """The fewest tasks a run's strategy is defined for (`Strategy.min_tasks`); 1 for the
+    baselines and for specs that do not resolve (their run then fails with the reason)."""
+    if run_kind(label) != "method":
+        return 1
+    try:
+        return lossbalance.strategies.get(parse_strategy(label)[1]).min_tasks
+    except Exception:  # noqa: BLE001
+        return 1
 
 
 def baseline_labels(benchmark, quick=False) -> list[str]:
@@ -305,6 +317,12 @@ def compare(benchmark: str, strategies: list[str], seeds: int | None, out: Path,
     _check_custom_level(bench, gradients)
     labels = [spec if run_kind(spec) != "method" else parse_strategy(spec)[0]
               for spec in strategies]  # checks the specs early
+    too_few = {label: needed for label in labels
+               if (needed := _tasks_needed(label)) > len(bench.task_names)}
+    for label, needed in too_few.items():
+        warnings.warn(f"{benchmark}: {label!r} is defined for {needed} or more tasks and "
+                      f"the benchmark has {len(bench.task_names)}: not run.")
+    labels = [label for label in labels if label not in too_few]
     if baselines and not getattr(bench, "custom", False):
         labels += [b for b in baseline_labels(bench, quick) if b not in labels]
     jobs = [(label, seed) for seed in range(seeds) for label in labels]

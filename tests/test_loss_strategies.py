@@ -342,13 +342,15 @@ def test_every_strategy_trains_a_two_head_model(name, two_head_data):
 
 
 LOG_OR_LEARNED_SCALE = {"gls", "scale_invariant", "stch", "db_mtl", "uncertainty", "imtl_l",
-                        "imtl", "famo"}
+                        "imtl", "famo", "pbi", "cosmos", "uw_so"}
 
 
 @pytest.mark.parametrize("name", strategies.available())
 def test_check_losses_holds_every_strategy_to_its_floor(name):
     """Methods that take log L_k, or whose learned scales diverge for L_k < 0, reject a
     negative mean loss with the task's name and a fix; the others accept any sign."""
+    if strategies.get(name).min_tasks > 2:
+        pytest.skip(f"{name} is defined for 3 or more tasks (and has no loss floor)")
     strategy = bound(name)
     strategy.check_losses({"a": 0.0, "b": 2.0}, "in epoch 1")  # a loss of 0 is in range
     if name not in LOG_OR_LEARNED_SCALE:

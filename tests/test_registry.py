@@ -150,6 +150,8 @@ def test_a_zero_loss_weight_is_refused_where_it_breaks_the_balance(name):
     """A task held at loss 0 gives MGDA a zero update, log-based strategies a log of 0 and
     ratio-based ones 0 / 0: compile refuses it, naming the task and the fix, except for
     strategies whose weights do not depend on the losses (fixed, RLW)."""
+    if lossbalance.strategies.get(name).min_tasks > 2:
+        pytest.skip(f"{name} is defined for 3 or more tasks (refused for this model)")
     model = make_trunk_model()
     compile_ = lambda: model.compile(optimizer="sgd", loss=TWO_HEAD_LOSS, strategy=name,
                                      loss_weights={"cls": 1.0, "reg": 0.0})

@@ -32,6 +32,7 @@ from lossbalance.strategies.conflict_free import ConFIG  # noqa: E402
 from lossbalance.strategies.constant import Constant  # noqa: E402
 from lossbalance.strategies.crmogm import CRMOGM  # noqa: E402
 from lossbalance.strategies.db_mtl import DBMTL  # noqa: E402
+from lossbalance.strategies.double_sampling import MoDo, SDMGrad  # noqa: E402
 from lossbalance.strategies.dual_cone import DualProj, UPGrad  # noqa: E402
 from lossbalance.strategies.excess_mtl import ExcessMTL  # noqa: E402
 from lossbalance.strategies.fairgrad import FairGrad  # noqa: E402
@@ -64,6 +65,7 @@ __all__ = [
     "MGDA",
     "Mean",
     "MoCo",
+    "MoDo",
     "NashMTL",
     "PBI",
     "ParameterStateAggregator",
@@ -82,6 +84,7 @@ __all__ = [
     "LossWeighting",
     "PCGrad",
     "RandomLossWeighting",
+    "SDMGrad",
     "ScaleInvariant",
     "SmoothTchebycheff",
     "SoftOptimalUncertaintyWeighting",

@@ -81,6 +81,10 @@ class Strategy(keras.layers.Layer):
     #: Whether a gradient-level strategy reads the task losses (MGDA's loss
     #: normalisations); `lossbalance.aggregate` then asks for them.
     uses_losses: bool = False
+    #: The fewest tasks the method (with these hyper-parameters) is defined for: `bind`
+    #: refuses fewer (Krum, TrimmedMean need 3 or more); the comparison runner does not run
+    #: it on benchmarks with fewer tasks.
+    min_tasks: int = 1
     #: When True (a Gramian weighting, parameter level), `BalancedModel` splits each batch
     #: into two independent halves (even and odd rows) and `gramian_weights` receives
     #: A = J1 J2^T of their task gradients instead of G (`lossbalance.levels.halves`);

@@ -139,38 +139,10 @@ class _StepTimer(keras.callbacks.Callback):
             self.times.append(time.perf_counter() - self._start)
 
 
-class _SelectBest(keras.callbacks.Callback):
-    """Model selection: keep the weights of the epoch with the lowest validation score
-    (computed from the epoch's logs) and restore them when training ends."""
-
-    def __init__(self, score):
-        super().__init__()
-        self.score = score
-        self.best, self.best_epoch, self.best_weights, self.scores = np.inf, 0, None, []
-
-    def on_epoch_end(self, epoch, logs=None):
-        value = float(self.score(logs or {}))
-        self.scores.append(value)
-        if self.best_weights is None or value < self.best:
-            self.best, self.best_epoch = value, epoch
-            self.best_weights = self.model.get_weights()
-
-    def on_train_end(self, logs=None):
-        if self.best_weights is not None:
-            self.model.set_weights(self.best_weights)
-
-
-def _evaluate(model, split, batch_size=4096) -> dict:
-    """Metrics of a compiled model on a split (one `test_on_batch` per chunk, weighted)."""
-    totals, count = {}, 0
-    for start in range(0, len(split), batch_size):
-        x = split.x[start:start + batch_size]
-        y = {k: v[start:start + batch_size] for k, v in split.y.items()}
-        logs = model.test_on_batch(x, y, return_dict=True)
-        for key, value in logs.items():
-            totals[key] = totals.get(key, 0.0) + float(value) * len(x)
-        count += len(x)
-    return {key: value / count for key, value in totals.items()}
+def _evaluate(model, split) -> dict:
+    """Metrics of a compiled model on a split."""
+    logs = model.evaluate(split.x, split.y, batch_size=4096, verbose=0, return_dict=True)
+    return {key: float(value) for key, value in logs.items()}
 
 
 def _compile(model, benchmark, strategy, loss, eager, gradients=None):
@@ -244,24 +216,26 @@ def run_one(benchmark_name: str, strategy_spec: str, seed: int, *, epochs=None,
             _compile(model, benchmark, strategy, loss, eager)
 
         if kind == "single":
-            task = strategy_spec[len(SINGLE):]
-            score = lambda logs: logs[f"val_{task}_loss"]  # noqa: E731
-            selection = f"val_{task}_loss"
-        elif benchmark.select_on == "val_loss_ratio":
-            l0 = {t: initial["validation"][f"{t}_loss"] for t in tasks}
-            score = lambda logs: sum(logs[f"val_{t}_loss"] / l0[t] for t in tasks)  # noqa
-            selection = "val_loss_ratio"
+            selection = f"val_{strategy_spec[len(SINGLE):]}_loss"
         else:
-            score = lambda logs: logs["val_loss"]  # noqa: E731
-            selection = "val_loss"
+            selection = "val_loss_ratio" if benchmark.select_on == "val_loss_ratio" \
+                else "val_loss"
         timer = _StepTimer(skip_first=not eager)
-        best = _SelectBest(score)
+        callbacks = [timer]
+        if selection == "val_loss_ratio":  # not a metric of the model: added to the logs
+            l0 = {t: initial["validation"][f"{t}_loss"] for t in tasks}
+            callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda _, logs: (
+                logs.update(val_loss_ratio=sum(logs[f"val_{t}_loss"] / l0[t] for t in tasks)))))
+        epochs = epochs or (1 if quick else benchmark.epochs)
+        # Model selection: the weights of the first epoch with the lowest `selection`,
+        # restored when training ends (patience = epochs: it never stops training early).
+        best = keras.callbacks.EarlyStopping(selection, mode="min", patience=epochs,
+                                             restore_best_weights=True)
         history = model.fit(
             benchmark.train.x, benchmark.train.y,
             validation_data=(benchmark.validation.x, benchmark.validation.y),
-            epochs=epochs or (1 if quick else benchmark.epochs),
-            batch_size=batch_size or benchmark.batch_size,
-            callbacks=[timer, best], verbose=verbose)
+            epochs=epochs, batch_size=batch_size or benchmark.batch_size,
+            callbacks=[*callbacks, best], verbose=verbose)
         test = _evaluate(model, benchmark.test)
     logs = {k: [float(v) for v in values] for k, values in history.history.items()}
     validation = {k[4:]: v[best.best_epoch] for k, v in logs.items() if k.startswith("val_")}

@@ -1,4 +1,5 @@
-"""`BackupAndRestore` that resumes exactly where an interrupted run stopped.
+"""Callbacks: `BackupAndRestore`, which resumes exactly where an interrupted run stopped,
+and the strategy's end-of-epoch hook that `BalancedModel.fit` adds (`StrategyEpochHook`).
 
 Keras' `keras.callbacks.BackupAndRestore(save_freq=N)` saves mid-epoch, but on restart it
 replays the interrupted epoch from its first batch, so a resumed run takes more steps than
@@ -55,3 +56,29 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             return
         if done and hasattr(self.model, "skip_batches"):
             self.model.skip_batches(done)
+
+
+class StrategyEpochHook(keras.callbacks.Callback):
+    """Tells the strategy that an epoch ended (epoch-level methods such as DWA), and has it
+    check the logged task losses (`Strategy.check_losses`) after the first batch and after
+    every epoch."""
+
+    def on_train_begin(self, logs=None):
+        self._first_batch = True
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._first_batch:
+            self._first_batch = False
+            self._check_losses(logs, "after the first batch")
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._check_losses(logs, f"in epoch {epoch + 1}")
+        self.model.strategy.on_epoch_end(epoch)
+
+    def _check_losses(self, logs, when):
+        """The strategy sees each task's loss times its `compile(loss_weights=...)`."""
+        task_losses, logs = self.model._task_losses, logs or {}
+        means = {task: float(logs[f"{task}_loss"]) * weight
+                 for task, weight in zip(task_losses.names, task_losses.loss_weights)
+                 if f"{task}_loss" in logs}
+        self.model.strategy.check_losses(means, when)

@@ -30,7 +30,7 @@ from keras.src.trainers.compile_utils import get_loss  # noqa: E402,F401
 __all__ = ["Functional", "Trainer", "functional_init_arguments", "get_loss", "SUPPORTED",
            "check_versions", "multi_worker", "unlocked_tracking", "untrack", "track_variable",
            "sublayers", "regularization_term", "producer", "output_tensors",
-           "functional_with_outputs", "local_first_batch"]
+           "functional_with_outputs", "local_first_batch", "StagedSeedGenerator"]
 
 
 def _version(text):
@@ -124,3 +124,27 @@ def local_first_batch(model, iterator):
             lambda v: local(v)[0] if isinstance(v, tf.distribute.DistributedValues) else v,
             next(batches))
     return None
+
+
+class StagedSeedGenerator(keras.random.SeedGenerator):
+    """A Keras `SeedGenerator` whose advance is a staged write of its owner strategy.
+
+    Relies on Keras' random functions drawing a seed through `SeedGenerator.next()`
+    (`keras.src.random.seed_generator.draw_seed`), which assigns the advanced state; here
+    the advance goes through `owner.write` (`lossbalance.strategies.staging`), so a
+    skipped step draws nothing. The seeds drawn are the ones a plain `SeedGenerator`
+    gives; `tests/test_staging.py` fails if Keras stops drawing through `next`.
+    """
+
+    def __init__(self, owner, seed=None, **kwargs):
+        super().__init__(seed, **kwargs)
+        self.__dict__["_owner"] = owner
+
+    def next(self, ordered=True):
+        state = self._owner.read(self.state)
+        if ordered:
+            advanced = state + tf.constant([0, 1], state.dtype)
+        else:  # Keras' unordered sequence
+            advanced = (state + 1) * 5387 % 933199
+        self._owner.write(self.state, advanced)
+        return state * 1

@@ -19,6 +19,7 @@ from lossbalance import strategies as strategies_module
 from lossbalance.combination import combine, gramian_of, weights_and_direction
 from lossbalance.gradients import TaskGradients, task_gradients
 from lossbalance.levels.base import transformed_task_losses
+from lossbalance.strategies.staging import staged
 
 
 @dataclass
@@ -131,9 +132,7 @@ def inspect_batch(model, x, y, sample_weight=None, strategy=None) -> BatchInspec
     else:
         strategy = strategies_module.get(strategy)
         strategy.bind(model._task_losses.names)
-    state = strategy.state_variables()
-    saved = [v.numpy() for v in state]
-    try:
+    with staged(strategy):  # its state changes are dropped: nothing is trained
         own = {id(v) for v in strategy.trainable_variables}
         variables = [v for v in model.trainable_variables if id(v) not in own]
         with tf.GradientTape(persistent=True) as tape:
@@ -153,9 +152,6 @@ def inspect_batch(model, x, y, sample_weight=None, strategy=None) -> BatchInspec
         weights = tf.cast(weights, tf.float64)
         direction = (combine(jacobian, weights) if direction is None
                      else tf.cast(direction, tf.float64))
-    finally:
-        for variable, value in zip(state, saved):
-            variable.assign(value)
 
     jacobian, direction = jacobian.numpy(), direction.numpy()
     keras_sum = jacobian.sum(axis=0)

@@ -10,11 +10,12 @@
 
 Under a `LossScaleOptimizer` (mixed precision) an overflowing gradient is expected and is the
 optimizer's to handle (it skips the step and lowers the scale); it does not count as a
-non-finite step, but the strategy's state is still restored, so overflow never leaks into it.
+non-finite step, but the strategy's staged state changes are still dropped, so overflow never
+leaks into its state.
 
 In "skip" and "raise" modes a batch without rows (a `tf.data` filter can make one) also
 changes nothing: no optimizer update (Keras would step its optimizer on zero gradients,
-moving weights by momentum), strategy state restored, and it is not counted as a skipped
+moving weights by momentum), strategy state unchanged, and it is not counted as a skipped
 step. With `None`, such a batch gets Keras' behaviour. In every mode it adds nothing to the
 logs.
 """
@@ -29,6 +30,13 @@ from lossbalance import replicas
 MODES = (None, "skip", "raise")
 
 
+def batch_size(x):
+    """The number of rows of a batch: a Python int when static, else a tensor."""
+    first = next(t for t in tf.nest.flatten(x) if t is not None)
+    static = first.shape[0]
+    return static if static is not None else tf.shape(first)[0]
+
+
 def has_rows(batch_size):
     """Whether a batch is non-empty: a Python bool when its size is static, else a tensor."""
     return batch_size > 0
@@ -41,7 +49,8 @@ def all_finite(tensors) -> tf.Tensor:
 
 
 class NonFiniteGuard:
-    """Checks one training step and keeps strategy state transactional.
+    """Checks one training step: whether its update, and its staged strategy state
+    changes (`lossbalance.strategies.staging`), are applied.
 
     Args:
         mode: "skip", "raise" or None.
@@ -67,14 +76,6 @@ class NonFiniteGuard:
         """Whether steps are checked at all (never when there is nothing to do)."""
         return self.mode is not None or self.loss_scaling
 
-    def snapshot(self, strategy):
-        """(the strategy's state variables, their values now), to restore after a step that
-        is not applied; None when steps are not checked."""
-        if not self.active:
-            return None
-        state = strategy.state_variables()
-        return state, [tf.identity(v) for v in state]
-
     def decide(self, raw_losses, grads, batch_size=1):
         """(apply the update?, keep the strategy state?, a true non-finite step?, which
         losses are finite). `apply` is Python True when the update needs no condition.
@@ -97,10 +98,8 @@ class NonFiniteGuard:
             apply, healthy, bad = apply & rows, healthy & rows, bad & rows
         return apply, healthy, bad, losses_ok
 
-    def finish(self, healthy, bad, losses_ok, state, snapshot, step):
-        """Restore strategy state after an unhealthy step; count and report bad ones."""
-        for variable, saved in zip(state, snapshot):
-            variable.assign(tf.where(healthy, variable, saved))
+    def finish(self, bad, losses_ok, step):
+        """Count and report the non-finite steps."""
         if self.mode is None:
             return
         # every replica adds its 1/N: the metric sums over replicas

@@ -15,33 +15,17 @@ import keras
 import tensorflow as tf
 
 from lossbalance import compat, replicas, strategies
+from lossbalance.callbacks import StrategyEpochHook
 from lossbalance.guard import MODES as NONFINITE_MODES
-from lossbalance.guard import NonFiniteCallback, NonFiniteGuard, has_rows
+from lossbalance.guard import NonFiniteCallback, NonFiniteGuard, batch_size, has_rows
 from lossbalance.levels import GRADIENT_LEVELS, make_level
 from lossbalance.levels.base import add, global_value, transformed_task_losses
 from lossbalance.levels.layer_norms import check_layer
 from lossbalance.metrics import ObjectiveMean, TaskMeans
+from lossbalance.strategies.staging import staged
 from lossbalance.tasks import TaskLosses
 
 __all__ = ["BalancedModel", "FunctionalBalancedModel", "GRADIENT_LEVELS"]
-
-
-def _batch_size(x):
-    first = next(t for t in tf.nest.flatten(x) if t is not None)
-    static = first.shape[0]
-    return static if static is not None else tf.shape(first)[0]
-
-
-def _check_zero_loss_weights(task_losses, strategy):
-    zero = [task.name for task in task_losses.tasks if task.loss_weight == 0]
-    if zero and not strategy.allows_zero_loss_weights:
-        raise ValueError(
-            f"compile(loss_weights=...) gives task(s) {zero} the weight 0, but strategy "
-            f"{strategy.registry_name or type(strategy).__name__!r} balances the tasks "
-            "against each other, and a loss held at 0 breaks that (a zero gradient makes "
-            "MGDA's update zero; a log of 0 or a ratio 0 / 0 makes weights infinite or NaN). "
-            f"To leave a task untrained, give it no loss (compile(loss={{{zero[0]!r}: None, "
-            "...}), and follow it with a metric); otherwise give it a positive weight.")
 
 
 @keras.saving.register_keras_serializable(package="lossbalance")
@@ -156,7 +140,7 @@ class BalancedModel(keras.Model):
         strategy = strategies.get(strategy)
         strategy.bind(task_losses.names)
         self._check_strategy_fits(strategy)
-        _check_zero_loss_weights(task_losses, strategy)
+        task_losses.check_zero_weights(strategy)
         level = make_level(self, strategy, task_losses, gradients, representation, vectorize,
                            precision)
         if len(task_losses.tasks) == 1:
@@ -249,41 +233,45 @@ class BalancedModel(keras.Model):
         self._require_compiled()
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         level = self._level
-        level.prepare(x, y, sample_weight)  # state sized by the batch, before the snapshot
-        snapshot = self._guard.snapshot(self.strategy)
-        # Everything differentiated below is computed inside the tape, scaling included.
-        with tf.GradientTape(persistent=level.persistent_tape) as tape:
-            z, y_pred = level.forward(x)
-            variables = self.trainable_variables  # after the call: it builds subclassed models
-            raw_losses = self._task_losses(y, y_pred, sample_weight, training=True)
-            step = level.objectives(raw_losses, self._regularization_loss(),
-                                    (y, y_pred, sample_weight))
-        grads, weights, objective, logged_losses = level.gradients(tape, step, variables, z)
-        del tape
-        skipped = self._guarded_update(snapshot, grads, raw_losses,
+        level.prepare(x, y, sample_weight)  # state sized by the first batch
+        # The strategy's state changes are staged, committed with the update (staging.py).
+        with staged(self.strategy) as changes:
+            # Everything differentiated below is computed inside the tape, scaling included.
+            with tf.GradientTape(persistent=level.persistent_tape) as tape:
+                z, y_pred = level.forward(x)
+                variables = self.trainable_variables  # after the call: it builds models
+                raw_losses = self._task_losses(y, y_pred, sample_weight, training=True)
+                step = level.objectives(raw_losses, self._regularization_loss(),
+                                        (y, y_pred, sample_weight))
+            grads, weights, objective, logged_losses = level.gradients(tape, step,
+                                                                       variables, z)
+            del tape
+        skipped = self._guarded_update(changes, grads, raw_losses,
                                        (grads, x, y, sample_weight, step.losses))
         self._record(x, objective, logged_losses, weights, skipped)
         return self._for_replica_reduction(
             self.compute_metrics(x, y, y_pred, sample_weight=sample_weight))
 
-    def _guarded_update(self, snapshot, grads, raw_losses, update):
-        """The update, under `compile(nonfinite=...)` only if the step is finite (and
-        non-empty): else the strategy's state is restored. Returns the "skipped" flag the
-        logs need (None when steps are not checked)."""
+    def _guarded_update(self, changes, grads, raw_losses, update):
+        """The strategy's staged changes and the update, under `compile(nonfinite=...)`
+        only if the step is finite (and non-empty). Returns the "skipped" flag the logs need
+        (None when steps are not checked)."""
         guard = self._guard
         if not guard.active:
-            self._update(*update)
+            changes.commit()
+            self._update(*update, True)
             return None
         step = self.optimizer.iterations + 0
         apply, healthy, bad, losses_ok = guard.decide(raw_losses, grads,
-                                                      _batch_size(update[1]))
+                                                      batch_size(update[1]))
+        changes.commit(healthy)  # not after an overflow under loss scaling either
         if apply is True:
-            self._update(*update)
+            self._update(*update, healthy)
         else:
             if not self.optimizer.built:
                 self.optimizer.build(self.trainable_variables)
-            replicas.run_if(tf.convert_to_tensor(apply), self._update, update)
-        guard.finish(healthy, bad, losses_ok, *snapshot, step)
+            replicas.run_if(tf.convert_to_tensor(apply), self._update, (*update, healthy))
+        guard.finish(bad, losses_ok, step)
         return bad if guard.mode is not None else None
 
     def _for_replica_reduction(self, logs):
@@ -294,8 +282,9 @@ class BalancedModel(keras.Model):
             return logs
         return {name: tf.reshape(value, [1]) for name, value in logs.items()}
 
-    def _update(self, grads, x, y, sample_weight, losses):
-        """The optimizer step (and a post-step strategy update) of one training step."""
+    def _update(self, grads, x, y, sample_weight, losses, healthy):
+        """The optimizer step (and a post-step strategy update, kept where `healthy`: not
+        after an overflow the loss-scale optimizer skipped) of one training step."""
         self.optimizer.apply(grads, self.trainable_variables)
         if self.strategy.uses_post_step_losses:
             # e.g. FAMO: the same batch's losses after the update (one forward pass),
@@ -303,14 +292,16 @@ class BalancedModel(keras.Model):
             after = self._task_losses(y, self(x, training=True), sample_weight)
             after = transformed_task_losses(
                 self.strategy, self._task_losses.weighted(after), separate=False)
-            self.strategy.update_after_step(losses, tf.stack(after))
+            with staged(self.strategy) as changes:
+                self.strategy.update_after_step(losses, tf.stack(after))
+            changes.commit(healthy)
 
     def _record(self, x, objective, raw_losses, weights, skipped=None):
         """Update the `loss`, `<task>_loss` and `<task>_weight` trackers with the global
         batch's values (under tf.distribute each replica adds them weighted by its rows). An
         empty batch, or a step `skipped` as non-finite, adds nothing (its losses and weights
         may be NaN)."""
-        batch = _batch_size(x)
+        batch = batch_size(x)
         compile_weights = tf.constant(self._task_losses.loss_weights, raw_losses[0].dtype)
         dtype = compile_weights.dtype
         losses, weights = tf.stack(raw_losses), tf.cast(weights, dtype)
@@ -352,7 +343,7 @@ class BalancedModel(keras.Model):
         y_pred = self(x, training=False)
         raw_losses = self._task_losses(y, y_pred, sample_weight)
         total = self._plain_total(raw_losses)
-        batch = _batch_size(x)
+        batch = batch_size(x)
         self._loss_tracker.update_state(global_value(total), sample_weight=batch)
         self._task_loss_tracker.update_state(global_value(tf.stack(raw_losses)),
                                              sample_weight=batch)
@@ -395,36 +386,10 @@ class BalancedModel(keras.Model):
     def fit(self, *args, callbacks=None, **kwargs):
         # The strategy's end-of-epoch update comes first, so that callbacks which save the
         # model at the epoch's end (BackupAndRestore, ModelCheckpoint) save its result.
-        callbacks = [_StrategyEpochHook(), *(callbacks or [])]
+        callbacks = [StrategyEpochHook(), *(callbacks or [])]
         if self._guard is not None and self._guard.mode == "raise":
             callbacks.append(NonFiniteCallback(self._guard))
         return super().fit(*args, callbacks=callbacks, **kwargs)
-
-
-class _StrategyEpochHook(keras.callbacks.Callback):
-    """Tells the strategy that an epoch ended (epoch-level methods such as DWA), and has it
-    check the logged task losses (`Strategy.check_losses`) after the first batch and after
-    every epoch."""
-
-    def on_train_begin(self, logs=None):
-        self._first_batch = True
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self._first_batch:
-            self._first_batch = False
-            self._check_losses(logs, "after the first batch")
-
-    def on_epoch_end(self, epoch, logs=None):
-        self._check_losses(logs, f"in epoch {epoch + 1}")
-        self.model.strategy.on_epoch_end(epoch)
-
-    def _check_losses(self, logs, when):
-        """The strategy sees each task's loss times its `compile(loss_weights=...)`."""
-        task_losses, logs = self.model._task_losses, logs or {}
-        means = {task: float(logs[f"{task}_loss"]) * weight
-                 for task, weight in zip(task_losses.names, task_losses.loss_weights)
-                 if f"{task}_loss" in logs}
-        self.model.strategy.check_losses(means, when)
 
 
 @keras.saving.register_keras_serializable(package="lossbalance")

@@ -180,6 +180,20 @@ class TaskLosses:
     def loss_weights(self) -> list[float]:
         return [task.loss_weight for task in self.tasks]
 
+    def check_zero_weights(self, strategy) -> None:
+        """Refuse a loss weight of 0 where `strategy` balances the tasks against each
+        other (`Strategy.allows_zero_loss_weights`)."""
+        zero = [task.name for task in self.tasks if task.loss_weight == 0]
+        if zero and not strategy.allows_zero_loss_weights:
+            raise ValueError(
+                f"compile(loss_weights=...) gives task(s) {zero} the weight 0, but strategy "
+                f"{strategy.registry_name or type(strategy).__name__!r} balances the tasks "
+                "against each other, and a loss held at 0 breaks that (a zero gradient "
+                "makes MGDA's update zero; a log of 0 or a ratio 0 / 0 makes weights "
+                "infinite or NaN). To leave a task untrained, give it no loss "
+                f"(compile(loss={{{zero[0]!r}: None, ...}}), and follow it with a metric); "
+                "otherwise give it a positive weight.")
+
     def weighted(self, losses):
         """Each task's loss times its compile loss weight (what strategies balance)."""
         return [task.loss_weight * loss for task, loss in zip(self.tasks, losses)]

@@ -26,6 +26,7 @@ import keras
 import tensorflow as tf
 
 from lossbalance import compat
+from lossbalance.strategies import staging
 
 
 # Keyword arguments a strategy passes on to `keras.layers.Layer` (from saved configs).
@@ -155,13 +156,41 @@ class Strategy(keras.layers.Layer):
         index = self.__dict__.get("_seed_generator_count", 0)
         self.__dict__["_seed_generator_count"] = index + 1
         # An explicit name keeps the state's path stable between a model and its reload.
-        generator = keras.random.SeedGenerator(seed, name=f"{self.name}_seed_{index}")
+        generator = compat.StagedSeedGenerator(self, seed, name=f"{self.name}_seed_{index}")
         compat.track_variable(self, generator.state)
         return generator
 
+    # -- state changes in a step: staged, committed with the update (`staging.py`) -------
+
+    @property
+    def _staged(self):
+        """The changes of the step being computed in this thread, or None."""
+        return staging.current(self)
+
+    def read(self, variable) -> tf.Tensor:
+        """A state variable's value: as staged so far in this step, else its own."""
+        staged = None if self._staged is None else self._staged.read(variable)
+        return tf.convert_to_tensor(variable) if staged is None else staged
+
+    def write(self, variable, value) -> None:
+        """Set a state variable: staged in a training step (committed with its update,
+        dropped when the step is skipped), at once otherwise."""
+        if self._staged is None:
+            variable.assign(tf.cast(value, variable.dtype))
+        else:
+            self._staged.write(variable, value)
+
+    def defer(self, fn, *tensors) -> None:
+        """Call `fn(*tensors)` with the step's commit (at once outside a step): for a
+        change that is not a plain write, such as an owned optimizer's `apply`."""
+        if self._staged is None:
+            fn(*tensors)
+        else:
+            self._staged.defer(fn, tensors)
+
     def state_variables(self) -> list:
         """Every variable the strategy's steps may change: its weights, RNG seed states,
-        and the slots of any optimizer it owns (GradNorm's). A skipped step restores them."""
+        and the slots of any optimizer it owns (GradNorm's)."""
         variables = list(self.variables)
         for value in vars(self).values():
             if isinstance(value, keras.optimizers.Optimizer):

@@ -139,11 +139,11 @@ class CRMOGM(GramianWeighting):
 
     def gramian_weights(self, gramian, losses):
         fresh = tf.cast(self._base_solve()(gramian, losses), tf.float64)
-        previous = tf.convert_to_tensor(self.average)
-        average = tf.where(tf.equal(self.step, 0), fresh,
+        previous, step = self.read(self.average), self.read(self.step)
+        average = tf.where(tf.equal(step, 0), fresh,
                            self.alpha * previous + (1.0 - self.alpha) * fresh)
-        self.average.assign(average)
-        self.step.assign_add(1)
+        self.write(self.average, average)
+        self.write(self.step, step + 1)
         return tf.cast(average, gramian.dtype)
 
     def get_config(self):

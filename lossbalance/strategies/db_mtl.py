@@ -71,12 +71,13 @@ class DBMTL(ParameterStateAggregator):
         j = tf.convert_to_tensor(jacobian)
         dtype = j.dtype
         j = solvers.finite_or_zero(j)
-        self.step.assign_add(1.0)
+        step = self.read(self.step) + 1.0
+        self.write(self.step, step)
         if self.needs_parameter_state:
-            beta = self.beta / tf.cast(self.step, dtype) ** self.beta_sigma
-            m = tf.cast(self.moving_gradients, dtype)
+            beta = self.beta / tf.cast(step, dtype) ** self.beta_sigma
+            m = tf.cast(self.read(self.moving_gradients), dtype)
             m = j + beta * (m - j)
-            self.moving_gradients.assign(tf.cast(m, self.moving_gradients.dtype))
+            self.write(self.moving_gradients, m)
         else:
             m = j
         # The weights span the tasks' scale ratio: norms and J^T w in float64, so that

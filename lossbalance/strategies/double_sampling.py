@@ -76,10 +76,10 @@ class MoDo(_DoubleSampling):
 
     def gramian_weights(self, gramian, losses):
         a = _normalized(gramian, self.scale_free)
-        lam = tf.cast(self.task_weights, tf.float64)
+        lam = tf.cast(self.read(self.task_weights), tf.float64)
         lam = solvers.project_simplex(
             lam - self.gamma * (tf.linalg.matvec(a, lam) + self.rho * lam))
-        self.task_weights.assign(tf.cast(lam, self.task_weights.dtype))
+        self.write(self.task_weights, lam)
         return tf.cast(lam, gramian.dtype)
 
     def get_config(self):
@@ -140,13 +140,13 @@ class SDMGrad(_DoubleSampling):
         a = _normalized(gramian, self.scale_free)
         k = self.num_tasks
         preference = tf.fill([k], tf.constant(1.0 / k, tf.float64))
-        w = tf.cast(self.task_weights, tf.float64)
+        w = tf.cast(self.read(self.task_weights), tf.float64)
         velocity = tf.zeros([k], tf.float64)
         for _ in range(self.n_iter):
             velocity = self.momentum * velocity + tf.linalg.matvec(
                 a, w + self.lamda * preference)
             w = solvers.project_simplex(w - self.lr * velocity)
-        self.task_weights.assign(tf.cast(w, self.task_weights.dtype))
+        self.write(self.task_weights, w)
         return tf.cast((w + self.lamda * preference) / (1.0 + self.lamda), gramian.dtype)
 
     def get_config(self):

@@ -7,7 +7,6 @@ from lossbalance.replicas import num_replicas
 from lossbalance.strategies._loss_utils import global_losses
 from lossbalance.strategies.base import LossWeighting, check_number
 from lossbalance.strategies.registry import register
-from lossbalance.variables import assign_add
 
 
 @register("dwa")
@@ -75,8 +74,8 @@ class DynamicWeightAverage(LossWeighting):
     def loss_weights(self, losses):
         """The weights of this epoch; also records the step's losses (call once a step)."""
         recorded = global_losses(losses)
-        assign_add(self.epoch_loss_sum, recorded)
-        assign_add(self.epoch_steps, 1.0)
+        self.write(self.epoch_loss_sum, self.read(self.epoch_loss_sum) + recorded)
+        self.write(self.epoch_steps, self.read(self.epoch_steps) + 1.0)
         weights = tf.convert_to_tensor(self.epoch_weights)
         if num_replicas() > 1:
             # Under tf.distribute the gradients' all-reduce must follow the losses' one on

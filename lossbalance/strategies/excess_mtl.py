@@ -61,15 +61,15 @@ class ExcessMTL(ParameterStateAggregator):
         j = tf.convert_to_tensor(jacobian)
         dtype = j.dtype
         j = solvers.finite_or_zero(j)
-        sums = tf.cast(self.squared_sums, dtype) + j * j
-        self.squared_sums.assign(tf.cast(sums, self.squared_sums.dtype))
+        sums = tf.cast(self.read(self.squared_sums), dtype) + j * j
+        self.write(self.squared_sums, sums)
         risks = tf.reduce_sum(j * j / tf.sqrt(sums + 1e-7), axis=1)
-        first = self.has_initial <= 0
+        first = self.read(self.has_initial) <= 0
         initial = tf.where(first, tf.cast(risks, self.initial_risks.dtype),
-                           self.initial_risks)
-        self.initial_risks.assign(initial)
-        self.has_initial.assign(1.0)
-        weights = tf.cast(self.task_weights, dtype)
+                           self.read(self.initial_risks))
+        self.write(self.initial_risks, initial)
+        self.write(self.has_initial, 1.0)
+        weights = tf.cast(self.read(self.task_weights), dtype)
         relative = tf.math.divide_no_nan(risks, tf.cast(initial, dtype))
         exponent = tf.minimum(self.robust_step_size * relative, 50.0)
         updated = weights * tf.exp(exponent)
@@ -77,7 +77,7 @@ class ExcessMTL(ParameterStateAggregator):
         weights = tf.where(first, weights, updated)
         weights = tf.where(tf.reduce_all(tf.math.is_finite(weights)), weights,
                            tf.ones_like(weights))
-        self.task_weights.assign(tf.cast(weights, self.task_weights.dtype))
+        self.write(self.task_weights, weights)
         return tf.linalg.matvec(j, weights, transpose_a=True), weights
 
     def get_config(self):

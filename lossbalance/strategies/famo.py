@@ -45,6 +45,11 @@ class FAMO(LossWeighting):
     update uses the global batch's losses, so all replicas keep the same logits.
 
     The logits and the Adam moments are variables of the strategy, saved with the model.
+    The Adam step is written out rather than a `keras.optimizers.Adam`: Keras' Adam puts
+    epsilon outside sqrt(v) before the bias correction (an effective epsilon of
+    1e-8 / sqrt(1 - beta_2^t), larger in the first steps) and decays weights decoupled,
+    so it would not be the authors' update; and its slots would change the saved format
+    of every FAMO model.
     The logged `loss` is sum_k w_k L_k, a z-weighted harmonic mean of the losses.
 
     Args:
@@ -127,20 +132,20 @@ class FAMO(LossWeighting):
         # after the gradients' all-reduce on every replica.
         before, after = tf.unstack(global_losses(tf.stack([losses_before, losses_after])))
         delta = self._log_gap(before) - self._log_gap(after)
-        logits = tf.convert_to_tensor(self.logits)
+        logits = self.read(self.logits)
         z = tf.nn.softmax(logits)
         grad = z * (delta - tf.reduce_sum(z * delta)) + self.gamma * logits
 
-        step = tf.convert_to_tensor(self.adam_steps) + 1.0
-        m = self.beta_1 * tf.convert_to_tensor(self.adam_m) + (1.0 - self.beta_1) * grad
-        v = self.beta_2 * tf.convert_to_tensor(self.adam_v) + (1.0 - self.beta_2) * grad**2
+        step = self.read(self.adam_steps) + 1.0
+        m = self.beta_1 * self.read(self.adam_m) + (1.0 - self.beta_1) * grad
+        v = self.beta_2 * self.read(self.adam_v) + (1.0 - self.beta_2) * grad**2
         m_hat = m / (1.0 - tf.pow(self.beta_1, step))
         v_hat = v / (1.0 - tf.pow(self.beta_2, step))
-        self.adam_steps.assign(step)
-        self.adam_m.assign(m)
-        self.adam_v.assign(v)
-        self.logits.assign(logits - self.learning_rate * m_hat
-                           / (tf.sqrt(v_hat) + self.adam_epsilon))
+        self.write(self.adam_steps, step)
+        self.write(self.adam_m, m)
+        self.write(self.adam_v, v)
+        self.write(self.logits, logits - self.learning_rate * m_hat
+                   / (tf.sqrt(v_hat) + self.adam_epsilon))
 
     def get_config(self):
         min_losses = self.min_losses

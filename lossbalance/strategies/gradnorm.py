@@ -134,16 +134,15 @@ class GradNorm(LossWeighting):
         """One GradNorm step on the weights, given n_k = ||grad_W L_k|| and the losses."""
         norms = tf.cast(norms, tf.float32)
         losses = tf.stop_gradient(tf.cast(losses, tf.float32))
-        first = self.has_initial_losses <= 0
-        initial = tf.where(first, losses, self.initial_losses)
-        self.initial_losses.assign(initial)
-        self.has_initial_losses.assign(1.0)
+        first = self.read(self.has_initial_losses) <= 0
+        initial = tf.where(first, losses, self.read(self.initial_losses))
+        self.write(self.initial_losses, initial)
+        self.write(self.has_initial_losses, 1.0)
 
-        weights = tf.convert_to_tensor(self.task_weights)
-        k = float(self.num_tasks)
+        weights = self.read(self.task_weights)
         if self.initial_weights == "balanced":
             weights = tf.where(first, self._balanced(norms, weights), weights)
-            self.task_weights.assign(weights)
+            self.write(self.task_weights, weights)
         weighted_norms = weights * norms
         rates = tf.math.divide_no_nan(losses, initial)
         relative_rates = tf.math.divide_no_nan(rates, tf.reduce_mean(rates))
@@ -151,9 +150,13 @@ class GradNorm(LossWeighting):
         gradient = tf.sign(weighted_norms - target) * norms
         if self.initial_weights == "balanced":  # the measuring step leaves w where it set it
             gradient = tf.where(first, tf.zeros_like(gradient), gradient)
+        self.defer(self._step_weights, gradient)
+
+    def _step_weights(self, gradient):
+        """The weights' optimizer step, then the weights renormalised to sum to K."""
         # every replica computes this same gradient; the optimizer sums the replicas'
         self.weight_optimizer.apply([replica_share(gradient)], [self.task_weights])
-
+        k = float(self.num_tasks)
         positive = tf.maximum(tf.convert_to_tensor(self.task_weights), 1e-6 * k)
         self.task_weights.assign(k * positive / tf.reduce_sum(positive))
 

@@ -55,7 +55,7 @@ class GradVac(GramianWeighting):
         g = solvers.finite_or_zero(g)
         orders = random_orders(self.seed_generator, k)
         norms = tf.sqrt(tf.maximum(tf.linalg.diag_part(g), 0.0))
-        targets = tf.cast(self.targets, tf.float64)
+        targets = tf.cast(self.read(self.targets), tf.float64)
         coefficients = tf.eye(k, dtype=tf.float64)
         rows = tf.range(k)
         tiny = 1e-300
@@ -81,7 +81,7 @@ class GradVac(GramianWeighting):
             targets = tf.tensor_scatter_nd_update(targets, index,
                                                   tf.where(valid, updated, target))
         if k > 1:
-            self.targets.assign(tf.cast(targets, self.targets.dtype))
+            self.write(self.targets, targets)
         return tf.cast(tf.reduce_sum(coefficients, axis=0), gramian.dtype)
 
     def get_config(self):

@@ -91,14 +91,15 @@ class MoCo(ParameterStateAggregator):
             norms = tf.norm(j, axis=1, keepdims=True)
             scale = tf.math.divide_no_nan(tf.cast(losses, dtype)[:, None], norms)
             j = j * scale
-        self.step.assign_add(1.0)
-        t = tf.cast(self.step, dtype)
+        step = self.read(self.step) + 1.0
+        self.write(self.step, step)
+        t = tf.cast(step, dtype)
         beta = self.beta / t ** self.beta_sigma
         gamma = self.gamma / t ** self.gamma_sigma
-        y = tf.cast(self.tracked, dtype)
+        y = tf.cast(self.read(self.tracked), dtype)
         y = y - beta * (y - j)
-        self.tracked.assign(tf.cast(y, self.tracked.dtype))
-        lam = tf.cast(self.task_weights, dtype)
+        self.write(self.tracked, y)
+        lam = tf.cast(self.read(self.task_weights), dtype)
         gram = tf.matmul(y, y, transpose_b=True) + self.rho * tf.eye(self.num_tasks,
                                                                       dtype=dtype)
         if self.scale_free:
@@ -106,7 +107,7 @@ class MoCo(ParameterStateAggregator):
             gram = tf.math.divide_no_nan(gram, trace / self.num_tasks)
         raw = lam - gamma * tf.linalg.matvec(gram, lam)
         lam = tf.nn.softmax(raw) if self.projection == "softmax" else solvers.project_simplex(raw)
-        self.task_weights.assign(tf.cast(lam, self.task_weights.dtype))
+        self.write(self.task_weights, lam)
         return tf.linalg.matvec(y, lam, transpose_a=True), lam
 
     def get_config(self):

@@ -75,11 +75,12 @@ class NashMTL(GramianWeighting):
         if self.compiles_solver():  # the pure solve; the cache is written outside it
             solve = self.__dict__.setdefault("_compiled_solve", tf.function(
                 self._solve, jit_compile=True, autograph=False))
-        refresh = tf.equal(self.step % self.update_weights_every, 0)
+        step = self.read(self.step)
+        refresh = tf.equal(step % self.update_weights_every, 0)
         weights = tf.cond(refresh, lambda: solve(gramian),
-                          lambda: tf.cast(self.cached_weights, tf.float64))
-        self.cached_weights.assign(tf.cast(weights, self.cached_weights.dtype))
-        self.step.assign_add(1)
+                          lambda: tf.cast(self.read(self.cached_weights), tf.float64))
+        self.write(self.cached_weights, weights)
+        self.write(self.step, step + 1)
         if self.max_norm > 0:
             g = tf.cast(gramian, tf.float64)
             norm = tf.sqrt(tf.maximum(tf.tensordot(weights, tf.linalg.matvec(g, weights), 1),

@@ -153,11 +153,12 @@ class _PreferenceScalarisation(LossWeighting):
         total = tf.cast(global_losses(losses), tf.float64)
         gap = total - self._reference
         if self.normalize:
-            started = tf.convert_to_tensor(self.started) > 0
+            started = self.read(self.started) > 0
             first = tf.where(gap > 0, gap, tf.ones_like(gap))
-            normalizer = tf.where(started, tf.cast(self.normalizer, tf.float64), first)
-            self.normalizer.assign(tf.cast(normalizer, self.normalizer.dtype))
-            self.started.assign(1.0)
+            normalizer = tf.where(started, tf.cast(self.read(self.normalizer), tf.float64),
+                                  first)
+            self.write(self.normalizer, normalizer)
+            self.write(self.started, 1.0)
             inverse = 1.0 / normalizer
             scaled = gap * inverse
         else:

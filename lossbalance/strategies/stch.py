@@ -5,7 +5,6 @@ import tensorflow as tf
 from lossbalance.strategies._loss_utils import global_losses, surrogate_offset
 from lossbalance.strategies.base import LossWeighting, check_number
 from lossbalance.strategies.registry import register
-from lossbalance.variables import assign_add
 
 
 @register("stch", aliases=("smooth_tchebycheff",))
@@ -146,8 +145,8 @@ class SmoothTchebycheff(LossWeighting):
         losses to the epoch's sums for the nadir."""
         weights, value, total = self._compute(losses)
         if self.normalize:  # every epoch; `on_epoch_end` uses the recording epoch's sums
-            assign_add(self.nadir_sum, total)
-            assign_add(self.nadir_steps, 1.0)
+            self.write(self.nadir_sum, self.read(self.nadir_sum) + total)
+            self.write(self.nadir_steps, self.read(self.nadir_steps) + 1.0)
         return (tf.stop_gradient(tf.cast(weights, losses.dtype)),
                 tf.cast(surrogate_offset(value, weights, total), losses.dtype))
 

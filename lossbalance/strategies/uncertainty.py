@@ -179,7 +179,7 @@ class UncertaintyWeighting(LossWeighting):
         first step the first batch's optimum."""
         if not self.starts_at_first_batch:
             return tf.cast(self.log_variance, losses.dtype), None
-        s = tf.cast(self.log_variance, losses.dtype)
+        s = tf.cast(self.log_variance, losses.dtype)  # the variable: its gradient flows
         total = tf.cast(global_losses(losses), losses.dtype)
         scales = tf.cast(self._scales, losses.dtype)
         # a loss <= 0 has no optimum (the method needs L > 0): that task starts at s = 0
@@ -187,6 +187,7 @@ class UncertaintyWeighting(LossWeighting):
                                                             _TINY_LOSS)), 0.0)
         # the variable's branch keeps its gradient for the model's optimizer; at the first
         # step s is at the batch optimum, where that gradient is 0 anyway
+        # (whether s was set before this step: a second call in the step finds the same)
         return tf.where(tf.cast(self.started, tf.bool), s, optimum), total
 
     def weighting(self, losses):
@@ -197,8 +198,8 @@ class UncertaintyWeighting(LossWeighting):
         scales = tf.cast(self._scales, losses.dtype)
         weights = scales * tf.exp(-s)
         if self.starts_at_first_batch:
-            self.log_variance.assign(tf.cast(tf.stop_gradient(s), self.log_variance.dtype))
-            self.started.assign(1.0)
+            self.write(self.log_variance, tf.stop_gradient(s))
+            self.write(self.started, 1.0)
         if self.learning_rate is None:
             return weights, extra
         if total is None:
@@ -206,8 +207,9 @@ class UncertaintyWeighting(LossWeighting):
         # d/ds_k of c_k exp(-s_k) L_k + s_k / 2 on the (global) batch; every replica computes
         # it alike and the optimizer sums the replicas' shares
         gradient = 0.5 - tf.stop_gradient(weights) * total
-        self.variance_optimizer.apply(
-            [replica_share(tf.cast(gradient, self.log_variance.dtype))], [self.log_variance])
+        self.defer(lambda g: self.variance_optimizer.apply([replica_share(g)],
+                                                           [self.log_variance]),
+                   tf.cast(gradient, self.log_variance.dtype))
         return tf.stop_gradient(weights), extra
 
     def loss_weights(self, losses):

@@ -1,0 +1,80 @@
+"""A training step's changes to a strategy's state, made explicit.
+
+A strategy changes its state in a step (Nash-MTL's cached weights, GradVac's targets, moving
+averages, RNG draws, the step of an optimizer it owns) through `Strategy.write` and
+`Strategy.defer`, never by assigning its variables directly. While a step is being computed
+those changes are *staged*: `Strategy.read` returns a variable's staged value for the rest of
+the step, and nothing is assigned. `BalancedModel` then commits them with the update, or
+drops them when `compile(nonfinite=...)` skips the step; `lossbalance.inspect_batch` drops
+them always. Outside a step (`lossbalance.aggregate`, `on_epoch_end`, `update_after_step`)
+writes are assigned at once.
+
+So neither the non-finite guard nor the diagnostics snapshot and restore a strategy's state:
+a change that is not committed never happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import tensorflow as tf
+
+from lossbalance import replicas
+
+
+class StagedChanges:
+    """The writes and deferred calls of one step, in the order the strategy made them."""
+
+    def __init__(self):
+        self._entries = []  # ("write", variable, value) or ("call", fn, tensors)
+        self._latest = {}  # id(variable) -> its last staged value
+
+    def write(self, variable, value) -> None:
+        value = tf.cast(value, variable.dtype)
+        self._entries.append(("write", variable, value))
+        self._latest[id(variable)] = value
+
+    def read(self, variable):
+        return self._latest.get(id(variable))
+
+    def defer(self, fn, tensors) -> None:
+        self._entries.append(("call", fn, tuple(tensors)))
+
+    def commit(self, condition=True) -> None:
+        """Make the step's changes, in order, where `condition` (a boolean tensor, the same
+        on every replica, or Python True) holds. A write keeps the variable's value where
+        it does not (no branch: it works in any replica context); a deferred call (an
+        optimizer's apply, which may synchronise replicas) runs under `replicas.run_if`."""
+        for kind, target, value in self._entries:
+            if kind == "write":
+                target.assign(value if condition is True else
+                              tf.where(condition, value, tf.convert_to_tensor(target)))
+            elif condition is True:
+                target(*value)
+            else:
+                replicas.run_if(condition, target, value)
+
+
+# The changes being staged, by strategy, per thread: under MirroredStrategy each replica's
+# step runs in a thread of its own.
+_local = threading.local()
+
+
+def current(strategy):
+    """The `StagedChanges` that `strategy`'s changes go to in this thread, or None."""
+    return getattr(_local, "changes", {}).get(id(strategy))
+
+
+@contextlib.contextmanager
+def staged(strategy):
+    """Stage the changes `strategy` (and the strategies it holds) makes inside the block, in
+    this thread; yields the `StagedChanges`, which the caller commits or drops."""
+    changes = StagedChanges()
+    previous = getattr(_local, "changes", {})
+    members = [strategy, *strategy._flatten_layers(include_self=False)]
+    _local.changes = {**previous, **{id(layer): changes for layer in members}}
+    try:
+        yield changes
+    finally:
+        _local.changes = previous

@@ -18,8 +18,9 @@ DEFAULT_STRATEGIES = ",".join(CLASSIC_STRATEGIES + SCALE_STRATEGIES)
 def _strategy_list(text):
     if text.strip().lower() == "all":
         import lossbalance
+        from experiments import runner
 
-        return lossbalance.strategies.available()
+        return runner.runnable_by_name(lossbalance.strategies.available())
     return [s.strip() for s in text.split(",") if s.strip()]
 
 

@@ -47,7 +47,8 @@ def run(benchmarks=BUILT_IN, strategies=None, seeds=None, out=RUNS, results=RESU
 
     import lossbalance
 
-    strategies = list(strategies or lossbalance.strategies.available())
+    strategies = list(strategies or runner.runnable_by_name(
+        lossbalance.strategies.available()))
     out, results = Path(out), Path(results)
     results.mkdir(parents=True, exist_ok=True)
     failures, sections = [], []

@@ -112,6 +112,22 @@ def _tasks_needed(label: str) -> int:
         return 1
 
 
+def runnable_by_name(names) -> list[str]:
+    """`names` less the strategies with hyper-parameters that have no default
+    (`Strategy.required_arguments`: PCD's primary task), which a run of every strategy
+    cannot choose for a benchmark; a warning names them and how to run them (a spec that
+    gives them, `pcd:primary=<task>`)."""
+    lookup = lossbalance.strategies.registry.lookup
+    left = {name: lookup(name).required_arguments for name in names
+            if lookup(name).required_arguments}
+    if left:
+        specs = ", ".join(f"{name}:" + ";".join(f"{arg}=..." for arg in required)
+                          for name, required in left.items())
+        warnings.warn(f"Not run by name alone, hyper-parameters without a default: {specs} "
+                      "(give them in the spec, e.g. --strategies pcd:primary=<task>).")
+    return [name for name in names if name not in left]
+
+
 def baseline_labels(benchmark, quick=False) -> list[str]:
     """Labels of the single-task baselines and the linear-scalarisation sweep."""
     tasks = benchmark.task_names

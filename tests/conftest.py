@@ -24,6 +24,20 @@ def make_trunk_model(cls=None, *, inputs=8, hidden=16, classes=3, seed=0, dict_o
     return cls(x, outputs)
 
 
+#: Hyper-parameters that registered strategies have no default for
+#: (`Strategy.required_arguments`), as the tests that go through every registered strategy
+#: give them: PCD's primary task, the first by position (whatever the tasks' names).
+REQUIRED_ARGUMENTS = {"pcd": {"primary": 0}}
+
+
+def strategy_spec(name, **params):
+    """What `strategies.get`, `compile(strategy=...)` and `aggregate` take for the
+    registered `name` with `params`: the name itself, or a config dict that adds the
+    hyper-parameters it has no default for (REQUIRED_ARGUMENTS)."""
+    params = {**REQUIRED_ARGUMENTS.get(name, {}), **params}
+    return {"name": name, **params} if params else name
+
+
 TWO_HEAD_LOSS = {
     "cls": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     "reg": "mse",

@@ -279,6 +279,55 @@ def trimmed_mean(j, trim_number=1):
     return np.sort(j, axis=0)[trim_number: k - trim_number].mean(axis=0)
 
 
+def pcd(j, primary=0, tau=0.5, scales=None, max_correction=10.0):
+    """PCD's weights: d = argmin |d - g~_p|^2 s.t. g~_i . d >= tau |g~_i|^2 for every
+    i != p, with g~ = g / s (s: the rows' norms, PCD's first step, unless given), each
+    secondary's correction x_i u_i (u_i = g_i / |g_i|, x_i = mu_i |g~_i|) bounded by
+    B_i = max_correction (|g~_p| + |g~_i|) (the constraint's exact penalty when it binds).
+    From the KKT conditions, every secondary either free (its constraint active), at 0
+    (constraint met) or at its bound (constraint violated) (3^(K-1) cases, K <= 8): the
+    free lengths solve C_FF x_F = tau n_F - U_F (g~_p + sum_U B_i u_i) on the cosines.
+    Zero rows have no constraint. Returns w with J^T w = d: w_p = 1 / s_p,
+    w_i = x_i / |g_i|."""
+    j = np.asarray(j, np.float64)
+    k = len(j)
+    s = np.linalg.norm(j, axis=1) if scales is None else np.asarray(scales, np.float64)
+    normalised = np.where(s[:, None] > 0, j / np.where(s > 0, s, 1.0)[:, None], 0.0)
+    u, n = unit_rows(normalised)
+    others = [i for i in range(k) if i != primary and n[i] > 0]
+    target = normalised[primary]
+    bound = max_correction * (n[primary] + n)
+    best, best_value = None, np.inf
+    for states in itertools.product(("free", "zero", "bound"), repeat=len(others)):
+        free = [i for i, state in zip(others, states) if state == "free"]
+        at_bound = [i for i, state in zip(others, states) if state == "bound"]
+        x = np.zeros(k)
+        x[at_bound] = bound[at_bound]
+        if free:
+            c = u[free] @ u[free].T
+            if np.linalg.cond(c) > 1e10:
+                continue
+            x[free] = np.linalg.solve(c, tau * n[free] - u[free] @ (target + u.T @ x))
+            if np.any(x[free] < 0) or np.any(x[free] > bound[free]):
+                continue
+        d = target + u.T @ x
+        slack = u[others] @ d - tau * n[others]
+        tolerance = 1e-9 * max(1.0, np.linalg.norm(d))
+        zero = [m for m, state in enumerate(states) if state == "zero"]
+        capped = [m for m, state in enumerate(states) if state == "bound"]
+        if np.any(slack[zero] < -tolerance) or np.any(slack[capped] > tolerance):
+            continue
+        # the penalty form's value: the KKT point minimises it
+        value = 0.5 * np.sum((d - target) ** 2) + bound[others] @ np.maximum(-slack, 0.0)
+        if value < best_value:
+            best, best_value = x, value
+    if best is None:
+        raise ValueError("no KKT point found")
+    w = np.where(n > 0, best / np.where(n > 0, n, 1.0) / np.where(s > 0, s, 1.0), 0.0)
+    w[primary] = 1.0 / s[primary] if s[primary] > 0 else 0.0
+    return w
+
+
 #: name -> (function returning weights, or the update when `returns_update`)
 WEIGHTS = {
     "mean": mean, "sum": total, "imtl_g": imtl_g, "imtl": imtl_g, "mgda": mgda,

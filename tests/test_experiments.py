@@ -346,7 +346,8 @@ def _strategy_rows(out):
 def test_supervised_benchmark_runs_every_strategy(quick_runs, name):
     out, _ = quick_runs(name)
     bench = benchmarks.get_benchmark(name)
-    expected = [s for s in lossbalance.strategies.available()  # those defined for its K
+    # those defined for its K, and by their name alone ('all' leaves out PCD: its primary)
+    expected = [s for s in runner.runnable_by_name(lossbalance.strategies.available())
                 if lossbalance.strategies.get(s).min_tasks <= len(bench.task_names)]
     rows = {row["strategy"]: row for row in _strategy_rows(out)}
     assert set(expected) <= set(rows)
@@ -390,7 +391,7 @@ def test_supervised_benchmark_runs_every_strategy(quick_runs, name):
 def test_toy_benchmark_runs_every_strategy(quick_runs):
     out, _ = quick_runs("toy")
     table = (out / "results.md").read_text()
-    for strategy in lossbalance.strategies.available():
+    for strategy in runner.runnable_by_name(lossbalance.strategies.available()):
         if lossbalance.strategies.get(strategy).min_tasks > 2:
             assert not runner.run_path(out, strategy, 0).exists()  # not run on two tasks
             continue

@@ -8,7 +8,7 @@ import tensorflow as tf
 
 import lossbalance
 from lossbalance import strategies
-from conftest import TWO_HEAD_LOSS, make_trunk_model
+from conftest import TWO_HEAD_LOSS, make_trunk_model, strategy_spec
 
 #: Every registered gradient-level strategy (a new one is covered by registering it).
 GRADIENT_METHODS = [name for name in strategies.available()
@@ -63,7 +63,8 @@ INVALID = [
     ("fairgrad", {"alpha": float("nan")}), ("moco", {"beta": 2.0}),
     ("moco", {"projection": "l2"}), ("db_mtl", {"beta": 1.0}), ("db_mtl", {"eps": 0.0}),
     ("excess_mtl", {"robust_step_size": -1.0}), ("imtl", {"initial_log_scale": "a"}),
-    ("random", {"seed": 1.5}),
+    ("random", {"seed": 1.5}), ("pcd", {"primary": "cls", "tau": 1.5}),
+    ("pcd", {"primary": "cls", "beta": 1.0}), ("pcd", {"tau": 0.5}),
 ]
 
 
@@ -76,7 +77,7 @@ def test_invalid_hyper_parameters_raise_at_construction(name, params):
 
 @pytest.mark.parametrize("name", GRADIENT_METHODS)
 def test_config_round_trip_and_docstring(name):
-    strategy = strategies.get(name)
+    strategy = strategies.get(strategy_spec(name))
     config = strategy.get_config()
     clone = strategies.get({**{k: v for k, v in config.items() if k != "name"},
                             "name": name})
@@ -152,19 +153,20 @@ def data():
 @pytest.mark.parametrize("name", GRADIENT_METHODS)
 def test_trains_in_fit_with_xla(name, gradients, data):
     x, y = data
-    needed = lossbalance.strategies.get(name).min_tasks
+    spec = strategy_spec(name)  # with the hyper-parameters it has no default for
+    needed = lossbalance.strategies.get(spec).min_tasks
     if needed > 2:  # defined for more tasks than the model has: refused, with the count
         with pytest.raises(ValueError, match=f"needs at least {needed} tasks"):
-            make_trunk_model().compile(loss=TWO_HEAD_LOSS, strategy=name)
+            make_trunk_model().compile(loss=TWO_HEAD_LOSS, strategy=spec)
         return
-    if gradients not in lossbalance.strategies.get(name).gradient_levels:
+    if gradients not in lossbalance.strategies.get(spec).gradient_levels:
         with pytest.raises(ValueError, match="only defined at the parameter level"):
-            make_trunk_model().compile(loss=TWO_HEAD_LOSS, strategy=name,
+            make_trunk_model().compile(loss=TWO_HEAD_LOSS, strategy=spec,
                                        gradients=gradients)
         return
     model = make_trunk_model()
     model.compile(optimizer=keras.optimizers.SGD(0.05), loss=TWO_HEAD_LOSS,
-                  strategy=name, jit_compile=True, gradients=gradients)
+                  strategy=spec, jit_compile=True, gradients=gradients)
     assert model.gradient_level == gradients
     history = model.fit(x, y, batch_size=32, epochs=3, verbose=0).history
     total = np.array(history["cls_loss"]) + np.array(history["reg_loss"])

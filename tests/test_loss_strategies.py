@@ -14,7 +14,7 @@ import tensorflow as tf
 
 import lossbalance
 from lossbalance import strategies
-from conftest import TWO_HEAD_LOSS, make_trunk_model
+from conftest import REQUIRED_ARGUMENTS, TWO_HEAD_LOSS, make_trunk_model
 
 NEW_STRATEGIES = ["dwa", "rlw", "gls", "scale_invariant", "famo", "stch", "imtl_l"]
 
@@ -349,9 +349,10 @@ LOG_OR_LEARNED_SCALE = {"gls", "scale_invariant", "stch", "db_mtl", "uncertainty
 def test_check_losses_holds_every_strategy_to_its_floor(name):
     """Methods that take log L_k, or whose learned scales diverge for L_k < 0, reject a
     negative mean loss with the task's name and a fix; the others accept any sign."""
-    if strategies.get(name).min_tasks > 2:
+    required = REQUIRED_ARGUMENTS.get(name, {})  # hyper-parameters without a default
+    if strategies.get(name, **required).min_tasks > 2:
         pytest.skip(f"{name} is defined for 3 or more tasks (and has no loss floor)")
-    strategy = bound(name)
+    strategy = bound(name, **required)
     strategy.check_losses({"a": 0.0, "b": 2.0}, "in epoch 1")  # a loss of 0 is in range
     if name not in LOG_OR_LEARNED_SCALE:
         assert strategy.loss_floors() is None

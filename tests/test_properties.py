@@ -3,7 +3,7 @@
 import keras
 import numpy as np
 import pytest
-from conftest import TWO_HEAD_LOSS, make_trunk_model
+from conftest import TWO_HEAD_LOSS, make_trunk_model, strategy_spec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -28,7 +28,8 @@ def multitask_problems(draw):
         "hidden": draw(st.integers(2, 8)),
         "depth": draw(st.integers(1, 2)),
         "scale": draw(st.sampled_from([1e-3, 1.0, 1e3])),
-        "strategy": draw(st.sampled_from(lossbalance.strategies.available())),
+        "strategy": strategy_spec(  # with hyper-parameters that have no default
+            draw(st.sampled_from(lossbalance.strategies.available()))),
         "seed": draw(st.integers(0, 2**16)),
     }
 

@@ -7,6 +7,7 @@ import numpy as np
 import tensorflow as tf
 
 import lossbalance
+from conftest import strategy_spec
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
@@ -67,5 +68,5 @@ def test_readme_task_scales_column_matches_the_strategies():
         for name in re.findall(r"`(\w+)`", cells[0]):
             if name in lossbalance.strategies.available() and \
                     name not in lossbalance.strategies.aliases():
-                declared = lossbalance.strategies.get(name).scale_invariant
+                declared = lossbalance.strategies.get(strategy_spec(name)).scale_invariant
                 assert cells[3].startswith("invariant") == declared, (name, cells[3])

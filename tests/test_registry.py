@@ -5,7 +5,7 @@ import sys
 
 import keras
 import pytest
-from conftest import TWO_HEAD_LOSS, make_trunk_model
+from conftest import REQUIRED_ARGUMENTS, TWO_HEAD_LOSS, make_trunk_model, strategy_spec
 
 import lossbalance
 from lossbalance import strategies
@@ -145,15 +145,30 @@ def test_losses_that_do_not_match_the_outputs_fail_at_compile(kwargs, match):
         model.compile(optimizer="sgd", **kwargs)
 
 
+def test_hyper_parameters_without_a_default_are_declared_and_known_to_the_tests():
+    """A strategy that its name alone cannot make says so (`required_arguments`), raises a
+    TypeError naming the argument, and the registry-wide tests know a value for it
+    (conftest.REQUIRED_ARGUMENTS)."""
+    for name in strategies.available():
+        required = registry.lookup(name).required_arguments
+        assert set(required) == set(REQUIRED_ARGUMENTS.get(name, {})), name
+        if required:
+            with pytest.raises(TypeError, match=f"`{required[0]}`"):
+                strategies.get(name)
+            strategies.get(strategy_spec(name))
+    assert registry.lookup("pcd").required_arguments == ("primary",)
+
+
 @pytest.mark.parametrize("name", lossbalance.strategies.available())
 def test_a_zero_loss_weight_is_refused_where_it_breaks_the_balance(name):
     """A task held at loss 0 gives MGDA a zero update, log-based strategies a log of 0 and
     ratio-based ones 0 / 0: compile refuses it, naming the task and the fix, except for
     strategies whose weights do not depend on the losses (fixed, RLW)."""
-    if lossbalance.strategies.get(name).min_tasks > 2:
+    spec = strategy_spec(name)  # with the hyper-parameters it has no default for
+    if lossbalance.strategies.get(spec).min_tasks > 2:
         pytest.skip(f"{name} is defined for 3 or more tasks (refused for this model)")
     model = make_trunk_model()
-    compile_ = lambda: model.compile(optimizer="sgd", loss=TWO_HEAD_LOSS, strategy=name,
+    compile_ = lambda: model.compile(optimizer="sgd", loss=TWO_HEAD_LOSS, strategy=spec,
                                      loss_weights={"cls": 1.0, "reg": 0.0})
     if name in ("fixed", "rlw"):
         compile_()

@@ -7,7 +7,7 @@ import tensorflow as tf
 from scipy import optimize
 
 from lossbalance import solvers
-from lossbalance.solvers.box import _box_active_set
+from lossbalance.solvers.box import _bounds_from, _box_active_set, _nonnegative_active_set
 
 SIZES = [2, 3, 5, 10, 40]
 KINDS = ["random", "ill"]
@@ -37,6 +37,8 @@ barrier_1 = _function(lambda g: solvers.power_barrier_solve(g, alpha=1.0))
 barrier_2 = _function(lambda g: solvers.power_barrier_solve(g, alpha=2.0))
 barrier_half = _function(lambda g: solvers.power_barrier_solve(g, alpha=0.5))
 penalty = _function(lambda g, b, c: solvers.simplex_norm_penalty_min(g, b, c))
+nonnegative = _function(lambda a, b: solvers.nonnegative_qp(a, b))
+nonnegative_boxed = _function(lambda a, b, h: solvers.nonnegative_qp(a, b, h))
 
 
 def scipy_simplex_min(objective, k, gradient=None, starts=2):
@@ -118,6 +120,105 @@ def test_box_qp_under_xla_matches_graph():
     _assert_box_kkt(w, g, lower)
     np.testing.assert_allclose(w, box(tf.constant(g), tf.constant(lower)).numpy(),
                                rtol=0, atol=1e-12)
+
+
+def _nonnegative_problems(k, kind, seed):
+    """A (PSD: trace-normalised, or for "ill" the cosines of a rank-deficient Gramian,
+    as PCD gives it), and linear terms: rows for which x >= 0 alone bounds the problem
+    (b = A y + p, p >= 0, so b^T v >= 0 on the cone of A's null space), and random rows
+    with upper bounds h."""
+    rng = np.random.default_rng(seed)
+    a = random_gramian(k, kind, seed)
+    if kind == "ill":
+        a = a / np.outer(np.sqrt(np.diag(a)), np.sqrt(np.diag(a)))
+    else:
+        a = a / (np.trace(a) / k)
+    bounded = a @ rng.normal(size=(3, k)).T
+    bounded = bounded.T + np.abs(rng.normal(size=(3, k))) * (rng.uniform(size=(3, k)) < 0.5)
+    free = rng.normal(size=(3, k))
+    upper = rng.uniform(0.0, 2.0, size=(3, k))
+    upper[0, 0] = 0.0  # an entry fixed at 0
+    return a, bounded, free, upper
+
+
+def _nonnegative_kkt_gap(x, a, b, h):
+    """The natural residual |x - clip(x - (A x + b) / c, 0, h)| c per row, over its
+    scale (c: A's largest diagonal entry)."""
+    c = np.max(np.diag(a))
+    gradient = x @ a + b
+    gap = np.abs(x - np.clip(x - gradient / c, 0.0, h)).max(axis=1) * c
+    return gap / (c * np.abs(x).max(axis=1) + np.abs(b).max(axis=1))
+
+
+def _scipy_nonnegative(a, b, h):
+    k = len(b)
+    result = optimize.minimize(
+        lambda x: 0.5 * x @ a @ x + b @ x, np.zeros(k), jac=lambda x: a @ x + b,
+        method="L-BFGS-B", bounds=list(zip(np.zeros(k), h)),
+        options={"ftol": 1e-16, "gtol": 1e-13, "maxiter": 20000})
+    return result.x, result.fun
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("k", SIZES)
+def test_nonnegative_qp_matches_scipy(k, kind):
+    """min (1/2) x^T A x + b^T x over 0 <= x (<= h): KKT to 1e-9 and no worse than
+    L-BFGS-B, on full-rank and rank-deficient A; where A is positive definite, x is
+    unique and equals bounded least squares on A's Cholesky factor."""
+    a, bounded, free, upper = _nonnegative_problems(k, kind, 7)
+    x = nonnegative(tf.constant(a), tf.constant(bounded)).numpy()
+    boxed = nonnegative_boxed(tf.constant(a), tf.constant(free), tf.constant(upper)).numpy()
+    assert np.all(x >= 0) and np.all(boxed >= 0) and np.all(boxed <= upper)
+    assert np.all(_nonnegative_kkt_gap(x, a, bounded, np.inf) <= 1e-9)
+    assert np.all(_nonnegative_kkt_gap(boxed, a, free, upper) <= 1e-9)
+    for row, b, h in [(x[i], bounded[i], np.full(k, np.inf)) for i in range(3)] + [
+            (boxed[i], free[i], upper[i]) for i in range(3)]:
+        ours = 0.5 * row @ a @ row + b @ row
+        _, reference = _scipy_nonnegative(a, b, np.where(np.isinf(h), None, h))
+        assert ours <= reference + 1e-9 * max(1.0, abs(reference))
+    if kind == "random":  # A = L L^T: the QP is min |L^T x + L^-1 b|^2 / 2 on the box
+        for row, b, h in [(boxed[i], free[i], upper[i]) for i in range(3)]:
+            kept = h > 0  # entries with h = 0 are fixed at 0
+            factor = np.linalg.cholesky(a[kept][:, kept])
+            reference = np.zeros(k)
+            reference[kept] = optimize.lsq_linear(
+                factor.T, -np.linalg.solve(factor, b[kept]),
+                bounds=(np.zeros(kept.sum()), h[kept]), method="bvls", tol=1e-15).x
+            np.testing.assert_allclose(row, reference, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_nonnegative_active_set_alone_on_full_rank_problems(kind):
+    """The primal-dual active-set steps (the first attempt, without the fallback) solve
+    positive definite problems: on "ill" ones once a ridge makes A definite."""
+    a, _, free, upper = _nonnegative_problems(10, kind, 8)
+    a = a + (1e-8 if kind == "ill" else 0.0) * np.eye(10)
+    c = tf.constant(np.max(np.diag(a)))
+    lower, at_upper = _bounds_from(tf.zeros_like(free), tf.constant(free),
+                                   tf.constant(upper), c)
+    x = _nonnegative_active_set(tf.constant(a), tf.constant(free), tf.constant(upper), c,
+                                lower, at_upper, 20).numpy()
+    assert np.all(_nonnegative_kkt_gap(x, a, free, upper) <= 1e-9)
+
+
+def test_nonnegative_qp_single_batched_xla_and_float32():
+    a, _, free, upper = _nonnegative_problems(5, "ill", 9)
+    batched = nonnegative_boxed(tf.constant(a), tf.constant(free), tf.constant(upper))
+    single = solvers.nonnegative_qp(tf.constant(a), tf.constant(free[1]),
+                                    tf.constant(upper[1]))
+    assert single.shape == (5,)
+    np.testing.assert_allclose(single.numpy(), batched.numpy()[1], rtol=0, atol=1e-12)
+    xla = tf.function(lambda a, b, h: solvers.nonnegative_qp(a, b, h), autograph=False,
+                      jit_compile=True)
+    np.testing.assert_allclose(
+        xla(tf.constant(a), tf.constant(free), tf.constant(upper)).numpy(),
+        batched.numpy(), rtol=0, atol=1e-10)
+    low = solvers.nonnegative_qp(tf.constant(a, tf.float32), tf.constant(free, tf.float32))
+    assert low.dtype == tf.float32 and np.all(np.isfinite(low.numpy()))
+    for degenerate in (np.zeros((3, 3)), np.ones((3, 3))):  # b >= 0 keeps them bounded
+        x = solvers.nonnegative_qp(tf.constant(degenerate), tf.constant([1.0, 0.0, 2.0],
+                                                                        tf.float64))
+        np.testing.assert_array_equal(x.numpy(), 0.0)
 
 
 @pytest.mark.parametrize("alpha, solve", [(1.0, barrier_1), (2.0, barrier_2),

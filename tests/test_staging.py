@@ -10,13 +10,14 @@ import tensorflow as tf
 import lossbalance
 from lossbalance.combination import gramian_of, weights_and_direction
 from lossbalance.strategies.staging import staged
+from conftest import strategy_spec
 
 TASKS = ("a", "b", "c")
 NUM_PARAMETERS = 6
 
 
 def _strategy(name):
-    strategy = lossbalance.strategies.get(name)
+    strategy = lossbalance.strategies.get(strategy_spec(name))  # PCD: with its primary
     strategy.bind(TASKS)
     if strategy.needs_parameter_state:
         strategy.build_parameter_state(NUM_PARAMETERS)

@@ -33,13 +33,15 @@ Routines:
     box_qp                     argmin_{w >= u} w^T G w, batched over u (accelerated projected
                                gradient + primal-dual active-set polish)
     dual_cone_weights          box_qp on the cosines: projections onto the dual cone
+    nonnegative_qp             argmin_{0 <= x <= h} x^T A x / 2 + b^T x, batched over b
+                               (primal-dual active set + projected-gradient fallback; PCD)
     power_barrier_solve        w > 0 with G w = c w^(-1/alpha) (damped Newton)
     simplex_norm_penalty_min   argmin_{w in simplex} b^T w + c sqrt(w^T G w) (CAGrad's dual)
     max_min_in_ball            CAGrad: max_d min_k g_k . d near J^T m (dual, then exact KKT)
 """
 
 from lossbalance.solvers.barrier import power_barrier_solve
-from lossbalance.solvers.box import box_qp, dual_cone_weights
+from lossbalance.solvers.box import box_qp, dual_cone_weights, nonnegative_qp
 from lossbalance.solvers.gramians import (
     GRADIENT_EPS, TINY, cosine_gramian, cosine_pinv, divide_by_norms, finite_or_zero,
     graded_eigh, normalize_gramian)
@@ -48,5 +50,5 @@ from lossbalance.solvers.simplex import (
 
 __all__ = ["GRADIENT_EPS", "TINY", "box_qp", "cosine_gramian", "cosine_pinv",
            "divide_by_norms", "dual_cone_weights", "finite_or_zero", "graded_eigh",
-           "max_min_in_ball", "min_norm_simplex", "normalize_gramian", "power_barrier_solve",
-           "project_simplex", "simplex_norm_penalty_min"]
+           "max_min_in_ball", "min_norm_simplex", "nonnegative_qp", "normalize_gramian",
+           "power_barrier_solve", "project_simplex", "simplex_norm_penalty_min"]

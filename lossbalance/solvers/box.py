@@ -1,5 +1,5 @@
 """Box-constrained quadratic programs: min_{w >= u} w^T G w (UPGrad, DualProj, and CAGrad's
-stationary fallback).
+stationary fallback), and min (1/2) x^T A x + b^T x over 0 <= x <= h (PCD's dual).
 """
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from lossbalance.solvers.gramians import _F64, TINY, _as64, cosine_gramian
+
 
 def box_qp(gramian, lower, max_iterations=500, active_set_iterations=8, ridge=0.0):
     """argmin_{w >= u} (1/2) w^T (G + ridge I) w, for every row u of `lower` (M, K).
@@ -161,5 +162,145 @@ def _box_projected_gradient(g, u, max_iterations):
     ones = tf.ones([tf.shape(u)[0]], _F64)
     _, w, _, _, _ = tf.while_loop(
         cond, body, (tf.constant(0), u, u, ones, tf.constant(1.0, _F64)),
+        maximum_iterations=max_iterations)
+    return w
+
+
+def nonnegative_qp(matrix, linear, upper=None, ridge=0.0, max_iterations=500,
+                   active_set_iterations=20):
+    """argmin_{0 <= x <= upper} (1/2) x^T (A + ridge I) x + b^T x, for one linear term
+    b (K,) or for every row of `linear` (M, K), with the same matrix A (K, K).
+
+    `A` must be positive semi-definite; `upper` (broadcast to `linear`'s shape; None: no
+    upper bound) must be >= 0, and an entry 0 fixes x_i = 0. Without an upper bound the
+    problem must be bounded below (A positive definite, or b^T v >= 0 for every v >= 0 with
+    A v = 0); an unbounded one gets a finite answer that minimises nothing. The problem is
+    solved for the matrix as given: scale it (to cosines, say) and choose the ridge before
+    calling, where the caller's method allows.
+
+    Solver: a primal-dual active-set method (Hintermueller, Ito & Kunisch 2002), started
+    from x = 0: with g = (A + ridge I) x + b, the gradient, and c the largest diagonal
+    entry of A, each step fixes x_i = 0 where x_i - g_i / c <= 0 and x_i = h_i where it is
+    >= h_i, solves g_i = 0 for the other entries (a K x K system per row), and stops when
+    the sets repeat; the answer is then exact. Should a row fail the optimality check
+    (the natural residual |x - clip(x - g / c, 0, h)| under 1e-9 of the problem's scale)
+    after `active_set_iterations` (a rank-deficient A can make the sets cycle), every row
+    is solved again by projected gradient (FISTA with adaptive restart, step
+    1 / lambda_max, at most `max_iterations`), then by the active-set method from the
+    bounds that one found, keeping for each row whichever of the two answers is feasible
+    and lower. The systems carry 1e-14 c on their diagonal, so that a singular A does not
+    make them singular.
+
+    Returns x with `linear`'s shape, in `matrix`'s dtype.
+    """
+    a, dtype = _as64(matrix)
+    b = tf.cast(linear, _F64)
+    single = b.shape.rank == 1
+    if single:
+        b = b[None, :]
+    k = tf.shape(a)[0]
+    a = 0.5 * (a + tf.transpose(a)) + ridge * tf.eye(k, dtype=_F64)
+    if upper is None:
+        h = tf.fill(tf.shape(b), tf.constant(float("inf"), _F64))
+    else:
+        h = tf.maximum(tf.broadcast_to(tf.cast(upper, _F64), tf.shape(b)), 0.0)
+    diagonal = tf.reduce_max(tf.linalg.diag_part(a))
+    c = tf.where(diagonal > TINY, diagonal, tf.ones_like(diagonal))
+
+    def objective(x):
+        return tf.reduce_sum(x * (0.5 * tf.matmul(x, a) + b), axis=-1)
+
+    def residual(x):
+        """The natural residual |x - clip(x - g / c, 0, h)|, per row, and its tolerance."""
+        gradient = tf.matmul(x, a) + b
+        projected = tf.clip_by_value(x - gradient / c, 0.0, h)
+        size = (c * tf.reduce_max(tf.abs(x), axis=-1)
+                + tf.reduce_max(tf.abs(b), axis=-1) + TINY)
+        gap = tf.reduce_max(tf.abs(x - projected), axis=-1) * c
+        return tf.where(tf.math.is_finite(gap), gap, tf.constant(float("inf"), _F64)), \
+            1e-9 * size
+
+    zero = tf.zeros_like(b)
+    lower, at_upper = _bounds_from(zero, b, h, c)
+    x = _nonnegative_active_set(a, b, h, c, lower, at_upper, active_set_iterations)
+    gap, tolerance = residual(x)
+    solved = tf.reduce_all(gap <= tolerance)
+
+    def fallback():
+        w = _nonnegative_projected_gradient(a, b, h, max_iterations)
+        scale = 1e-9 * (1.0 + tf.reduce_max(tf.abs(w), axis=-1, keepdims=True))
+        polished = _nonnegative_active_set(
+            a, b, h, c, w <= scale, (w >= h - scale) & (w > scale), active_set_iterations)
+        finite = tf.reduce_all(tf.math.is_finite(polished), axis=-1)
+        polished = tf.where(finite[:, None], polished, w)
+        feasible = finite & tf.reduce_all(
+            (polished >= -scale) & (polished <= h + scale), axis=-1)
+        polished = tf.clip_by_value(polished, 0.0, h)
+        better = feasible & (objective(polished)
+                             <= objective(w) + 1e-14 * tf.abs(objective(w)))
+        return tf.where(better[:, None], polished, w)
+
+    x = tf.cond(solved, lambda: tf.clip_by_value(x, 0.0, h), fallback)
+    x = tf.where(tf.math.is_finite(x), x, tf.zeros_like(x))
+    return tf.cast(x[0] if single else x, dtype)
+
+
+def _bounds_from(x, gradient, h, c):
+    """The primal-dual active sets at x: (x_i = 0 fixed, x_i = h_i fixed), from the
+    projection of x - gradient / c onto [0, h]."""
+    z = x - gradient / c
+    lower = z <= 0.0
+    return lower, (z >= h) & ~lower
+
+
+def _nonnegative_active_set(a, b, h, c, lower, upper, iterations):
+    """Primal-dual active-set steps for min_{0 <= x <= h} x^T A x / 2 + b^T x, every row of
+    b at once, from the sets `lower` (x_i = 0) and `upper` (x_i = h_i), both (M, K). Returns
+    the last step's x (exact once the sets repeat)."""
+    k = tf.shape(a)[0]
+    eye = tf.eye(k, dtype=_F64)
+    # Row i of a row's system: row i of A (+ 1e-14 c I) where i is free (gradient 0), of
+    # the identity where i is fixed at a bound: rows of one (2K, K) table.
+    table = tf.concat([a + 1e-14 * c * eye, eye], 0)
+    positions = tf.range(k)
+
+    def body(i, lower, upper, x, changed):
+        fixed = lower | upper
+        systems = tf.gather(table, positions + k * tf.cast(fixed, positions.dtype))
+        rhs = tf.where(upper, h, tf.where(lower, tf.zeros_like(b), -b))
+        x = tf.linalg.solve(systems, rhs[:, :, None])[:, :, 0]
+        new_lower, new_upper = _bounds_from(x, tf.matmul(x, a) + b, h, c)
+        changed = tf.reduce_any((new_lower != lower) | (new_upper != upper))
+        return i + 1, new_lower, new_upper, x, changed
+
+    state = (tf.constant(0), lower, upper, tf.zeros_like(b), tf.constant(True))
+    state = tf.while_loop(lambda i, lower, upper, x, changed: changed, body, state,
+                          maximum_iterations=max(iterations, 1))
+    return state[3]
+
+
+def _nonnegative_projected_gradient(a, b, h, max_iterations):
+    """FISTA with adaptive restart for min_{0 <= x <= h} x^T A x / 2 + b^T x, every row."""
+    lipschitz = tf.reduce_max(tf.linalg.eigvalsh(a))
+    step = 1.0 / tf.where(lipschitz > TINY, lipschitz, tf.ones_like(lipschitz))
+
+    def cond(i, w, y, t, moved):
+        return (i < max_iterations) & (moved > 0)
+
+    def body(i, w, y, t, moved):
+        w_new = tf.clip_by_value(y - step * (tf.matmul(y, a) + b), 0.0, h)
+        t_new = 0.5 * (1.0 + tf.sqrt(1.0 + 4.0 * t * t))
+        restart = tf.reduce_sum((y - w_new) * (w_new - w), axis=-1) > 0
+        momentum = tf.where(restart, tf.zeros_like(t), (t - 1.0) / t_new)
+        y_new = w_new + momentum[:, None] * (w_new - w)
+        t_new = tf.where(restart, tf.ones_like(t_new), t_new)
+        moved = tf.reduce_max(tf.abs(w_new - w)) - 1e-15 * (
+            1.0 + tf.reduce_max(tf.abs(w_new)))
+        return i + 1, w_new, y_new, t_new, moved
+
+    start = tf.zeros_like(b)
+    ones = tf.ones([tf.shape(b)[0]], _F64)
+    _, w, _, _, _ = tf.while_loop(
+        cond, body, (tf.constant(0), start, start, ones, tf.constant(1.0, _F64)),
         maximum_iterations=max_iterations)
     return w

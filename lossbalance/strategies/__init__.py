@@ -43,6 +43,7 @@ from lossbalance.strategies.mgda import MGDA  # noqa: E402
 from lossbalance.strategies.moco import MoCo  # noqa: E402
 from lossbalance.strategies.nash_mtl import NashMTL  # noqa: E402
 from lossbalance.strategies.parameter_state import ParameterStateAggregator  # noqa: E402
+from lossbalance.strategies.pcd import PriorityConstrainedDescent  # noqa: E402
 from lossbalance.strategies.reference import Mean, RandomWeights, Sum  # noqa: E402
 from lossbalance.strategies.robust import Krum, TrimmedMean  # noqa: E402
 
@@ -69,6 +70,7 @@ __all__ = [
     "NashMTL",
     "PBI",
     "ParameterStateAggregator",
+    "PriorityConstrainedDescent",
     "RandomWeights",
     "Sum",
     "TrimmedMean",

@@ -86,6 +86,11 @@ class Strategy(keras.layers.Layer):
     #: refuses fewer (Krum, TrimmedMean need 3 or more); the comparison runner does not run
     #: it on benchmarks with fewer tasks.
     min_tasks: int = 1
+    #: Hyper-parameters the method has no default for (PCD's `primary` task): the name
+    #: alone does not make the strategy (`get` raises, saying what to give), and code
+    #: that makes every registered strategy by name (the comparison runner's
+    #: `--strategies all`) leaves it out, saying how to give them (`pcd:primary=cls`).
+    required_arguments: tuple[str, ...] = ()
     #: When True (a Gramian weighting, parameter level), `BalancedModel` splits each batch
     #: into two independent halves (even and odd rows) and `gramian_weights` receives
     #: A = J1 J2^T of their task gradients instead of G (`lossbalance.levels.halves`);

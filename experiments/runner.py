@@ -78,15 +78,18 @@ def _check_level(gradients):
 
 def gradient_level_for(spec: str, gradients: str = "parameters") -> str | None:
     """The `compile(gradients=...)` a run of `spec` gets: `gradients` for a strategy that
-    computes per-task gradients, None (compile's default) for loss-level strategies and the
-    baselines, to which no level applies."""
+    computes per-task gradients, or the one level it is defined at when that is another
+    (MoCo at "parameters", the output balancer at "representation"); None (compile's
+    default) for loss-level strategies and the baselines, to which no level applies."""
     _check_level(gradients)
     if run_kind(spec) != "method":
         return None
-    import lossbalance
-
     strategy = lossbalance.strategies.get(parse_strategy(spec)[1])
-    return None if strategy.family == "loss" else gradients
+    if strategy.family == "loss":
+        return None
+    if gradients != "auto" and gradients not in strategy.gradient_levels:
+        return strategy.gradient_levels[0]
+    return gradients
 
 
 def run_label(spec: str, gradients: str = "parameters") -> str:
@@ -96,9 +99,8 @@ def run_label(spec: str, gradients: str = "parameters") -> str:
     if run_kind(spec) != "method":
         return spec
     label = parse_strategy(spec)[0]
-    if gradients == "parameters" or gradient_level_for(spec, gradients) is None:
-        return label
-    return f"{label}@{gradients}"
+    level = gradient_level_for(spec, gradients)
+    return label if level in (None, "parameters") else f"{label}@{level}"
 
 
 def _tasks_needed(label: str) -> int:
@@ -110,6 +112,18 @@ def _tasks_needed(label: str) -> int:
         return lossbalance.strategies.get(parse_strategy(label)[1]).min_tasks
     except Exception:  # noqa: BLE001
         return 1
+
+
+def _levels(label: str) -> tuple[str, ...]:
+    """The gradient levels a run's strategy is defined at (empty for the baselines, loss
+    strategies and specs that do not resolve)."""
+    if run_kind(label) != "method":
+        return ()
+    try:
+        strategy = lossbalance.strategies.get(parse_strategy(label)[1])
+    except Exception:  # noqa: BLE001
+        return ()
+    return () if strategy.family == "loss" else tuple(strategy.gradient_levels)
 
 
 def runnable_by_name(names) -> list[str]:
@@ -313,6 +327,13 @@ def compare(benchmark: str, strategies: list[str], seeds: int | None, out: Path,
         warnings.warn(f"{benchmark}: {label!r} is defined for {needed} or more tasks and "
                       f"the benchmark has {len(bench.task_names)}: not run.")
     labels = [label for label in labels if label not in too_few]
+    if getattr(bench, "custom", False):  # the parameter level only (no representation)
+        elsewhere = [label for label in labels if _levels(label) and
+                     "parameters" not in _levels(label)]
+        for label in elsewhere:
+            warnings.warn(f"{benchmark}: {label!r} is defined at the representation level "
+                          "only, which this benchmark's model does not have: not run.")
+        labels = [label for label in labels if label not in elsewhere]
     if baselines and not getattr(bench, "custom", False):
         labels += [b for b in baseline_labels(bench, quick) if b not in labels]
     jobs = [(label, seed) for seed in range(seeds) for label in labels]
@@ -323,8 +344,12 @@ def compare(benchmark: str, strategies: list[str], seeds: int | None, out: Path,
     for label in labels:
         try:
             run_labels[label] = run_label(label, gradients)
+            level = gradient_level_for(label, gradients)
         except Exception:  # noqa: BLE001 (an unknown strategy: its run fails below)
-            run_labels[label] = label
+            run_labels[label], level = label, None
+        if level not in (None, gradients):
+            warnings.warn(f"{benchmark}: {label!r} is defined at the {level} level only: "
+                          f"run there, as {run_labels[label]!r}.")
     for label, seed in bar:
         path = run_path(out, run_labels[label], seed)
         bar.set_postfix_str(f"{run_labels[label]} seed {seed}")

@@ -19,6 +19,7 @@ from lossbalance import strategies as strategies_module
 from lossbalance.combination import combine, gramian_of, weights_and_direction
 from lossbalance.gradients import TaskGradients, task_gradients
 from lossbalance.levels.base import transformed_task_losses
+from lossbalance.levels.groups import grouped_weights_and_update
 from lossbalance.strategies.staging import staged
 
 
@@ -41,6 +42,9 @@ class BatchInspection:
     cosine_keras_strategy: float  # between the two updates
     alignment_keras: np.ndarray  # (K,)
     alignment_strategy: np.ndarray  # (K,)
+    #: compile(grouping=...): {group key: (K,) weights}; `weights` is their mean. None
+    #: without groups.
+    group_weights: dict | None = None
 
     @property
     def norms(self) -> np.ndarray:
@@ -67,6 +71,9 @@ class BatchInspection:
                 f"| {name} | {self.losses[k]:.4g} | {self.norms[k]:.4g} | "
                 f"{self.weights[k]:.4g} | {self.alignment_keras[k]:.3f} | "
                 f"{self.alignment_strategy[k]:.3f} |")
+        for group, weights in (self.group_weights or {}).items():
+            lines.append(f"| (group `{group}`) | | | "
+                         + " / ".join(f"{w:.4g}" for w in weights) + " | | |")
         pairs = [(i, j) for i in range(len(self.task_names))
                  for j in range(i + 1, len(self.task_names))]
         if pairs:
@@ -146,12 +153,17 @@ def inspect_batch(model, x, y, sample_weight=None, strategy=None) -> BatchInspec
             raise ValueError("The tasks share no trainable variable: nothing to inspect.")
         jacobian = tf.cast(gradients.jacobian(), tf.float64)
         gramian = gramian_of(jacobian)
-        weights, direction = weights_and_direction(
-            strategy, losses, gramian=lambda: gramian,
-            jacobian=lambda: tf.cast(jacobian, losses.dtype))
-        weights = tf.cast(weights, tf.float64)
-        direction = (combine(jacobian, weights) if direction is None
-                     else tf.cast(direction, tf.float64))
+        group_key, group_weights = getattr(model._level, "group_key", None), None
+        if group_key is None:
+            weights, direction = weights_and_direction(
+                strategy, losses, gramian=lambda: gramian,
+                jacobian=lambda: tf.cast(jacobian, losses.dtype))
+            weights = tf.cast(weights, tf.float64)
+            direction = (combine(jacobian, weights) if direction is None
+                         else tf.cast(direction, tf.float64))
+        else:
+            weights, direction, group_weights = _grouped(strategy, gradients, losses,
+                                                         group_key)
 
     jacobian, direction = jacobian.numpy(), direction.numpy()
     keras_sum = jacobian.sum(axis=0)
@@ -166,7 +178,25 @@ def inspect_batch(model, x, y, sample_weight=None, strategy=None) -> BatchInspec
         cosine_keras_strategy=_cosine(keras_sum, direction),
         alignment_keras=np.array([_cosine(g, keras_sum) for g in jacobian]),
         alignment_strategy=np.array([_cosine(g, direction) for g in jacobian]),
+        group_weights=group_weights,
     )
+
+
+def _grouped(strategy, gradients, losses, group_key):
+    """(mean weights, (P,) direction, {group: weights}) of a grouped strategy."""
+    def combine_group(view, weights, direction):
+        if direction is None:
+            return view.combine(tf.cast(weights, tf.float64))
+        return view.unflatten(tf.cast(direction, tf.float64))
+
+    update, weights, per_group = grouped_weights_and_update(
+        strategy, gradients, losses, group_key,
+        gramian_of=lambda view: gramian_of(view.jacobian()),
+        jacobian_of=lambda view: view.jacobian(), combine=combine_group)
+    direction = tf.concat([tf.reshape(tf.cast(update[i], tf.float64), [-1])
+                           for i in gradients.shared], axis=0)
+    groups = {key: np.asarray(w, float) for key, w in per_group}
+    return tf.cast(weights, tf.float64), direction, groups
 
 
 class GradientDiagnostics(keras.callbacks.Callback):

@@ -23,8 +23,8 @@ def task_gradients(tape, losses, variables):
     return [tape.gradient(loss, values) for loss in losses]
 
 
-def count_shared_parameters(task_losses, variables, *inputs) -> int:
-    """The number of parameters that two or more tasks reach (P, the width of J).
+def shared_variables(task_losses, variables, *inputs) -> list:
+    """The variables that two or more tasks reach (the columns of J).
 
     Found by tracing, never running, one step's per-task gradients in a throwaway graph, so
     no random draw, moving statistic or other state advances. `task_losses(*inputs)`
@@ -32,20 +32,20 @@ def count_shared_parameters(task_losses, variables, *inputs) -> int:
     `variables()` returns the candidate variables, read after the forward pass (which
     builds a subclassed model).
     """
-    counted = []
+    found = []
 
     def trace(*args):
         with tf.GradientTape(persistent=True) as tape:
             losses = task_losses(*args)
         candidates = variables()
         shared = TaskGradients(task_gradients(tape, losses, candidates), candidates).shared
-        counted.append(sum(math.prod(candidates[i].shape) for i in shared))
+        found.append([candidates[i] for i in shared])
         return tf.constant(0)
 
     specs = tf.nest.map_structure(
         lambda t: None if t is None else tf.type_spec_from_value(t), inputs)
     tf.function(trace, autograph=False).get_concrete_function(*specs)
-    return int(counted[0])
+    return found[0]
 
 
 #: Up to this many tasks, the Gramian and the combination J^T w are computed from the task

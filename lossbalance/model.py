@@ -83,6 +83,7 @@ class BalancedModel(keras.Model):
         representation=None,
         vectorize=False,
         precision="float64",
+        grouping=None,
         run_eagerly=False,
         steps_per_execution=1,
         jit_compile="auto",
@@ -132,6 +133,11 @@ class BalancedModel(keras.Model):
                 on a CPU for wide shared trunks (the parameter level at K = 2 on the
                 benchmark MLP: ~1.3x plain Keras instead of ~1.55x), at the cost of that
                 exactness (see the README's "Tasks on very different scales").
+            grouping: at the parameter level, balance groups of shared parameters
+                separately, each with its own Gramian, weights and strategy state: "layer",
+                "variable", or a callable mapping a variable to its group's key (not saved
+                with the model). None (default): one group. `<task>_weight` logs the groups'
+                mean; `lossbalance.diagnostics.inspect_batch` shows each group's.
             The other arguments are passed to `keras.Model.compile`.
         """
         if nonfinite not in NONFINITE_MODES:
@@ -142,7 +148,7 @@ class BalancedModel(keras.Model):
         self._check_strategy_fits(strategy)
         task_losses.check_zero_weights(strategy)
         level = make_level(self, strategy, task_losses, gradients, representation, vectorize,
-                           precision)
+                           precision, grouping)
         if len(task_losses.tasks) == 1:
             warnings.warn(
                 f"BalancedModel has a single task ({task_losses.names[0]!r}): there is "
@@ -183,7 +189,8 @@ class BalancedModel(keras.Model):
         self._balancing_config = {"loss": loss, "loss_weights": loss_weights,
                                   "strategy": strategy, "nonfinite": nonfinite,
                                   "gradients": gradients, "representation": representation,
-                                  "vectorize": vectorize, "precision": precision}
+                                  "vectorize": vectorize, "precision": precision,
+                                  "grouping": grouping if isinstance(grouping, str) else None}
 
     @property
     def gradient_level(self) -> str | None:

@@ -41,7 +41,8 @@ def build(run):
     model = make_trunk_model()
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss=TWO_HEAD_LOSS,
                   strategy=run["strategy"], gradients=run.get("gradients", "parameters"),
-                  vectorize=run.get("vectorize", False), nonfinite=run.get("nonfinite"))
+                  vectorize=run.get("vectorize", False), nonfinite=run.get("nonfinite"),
+                  grouping=run.get("grouping"))
     return model
 
 

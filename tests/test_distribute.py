@@ -41,10 +41,12 @@ MIRRORED_RUNS = [
     {"strategy": "modo"},  # two independent halves of each replica's rows
     {"strategy": "sdmgrad"},
     {"strategy": "mgda", "vectorize": True},
+    {"strategy": "nash_mtl", "grouping": "variable"},  # a state copy per group
     {"strategy": "mean", "gradients": "representation"},
     {"strategy": "mgda", "gradients": "representation"},
     {"strategy": "nash_mtl", "gradients": "representation"},
     {"strategy": "graddrop", "gradients": "representation"},
+    {"strategy": "output_balancer", "gradients": "representation"},  # norms of global z
     # a NaN target on one replica only (its local loss alone is NaN): all replicas skip
     {"strategy": "uncertainty", "nonfinite": "skip", "poison": True},
 ]

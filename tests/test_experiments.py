@@ -292,14 +292,16 @@ def test_gradient_level_labels_runs_and_resumes_per_level(tmp_path, capsys):
     out, failures = tmp_path / "levels", []
     kwargs = dict(quick=True, baselines=False, progress=False, errors="continue",
                   failures=failures)
-    with pytest.warns(UserWarning, match="moco@representation"):
+    with pytest.warns(UserWarning, match="'moco' is defined at the parameters level only"):
         runs = runner.compare("clfreg", ["mgda", "fixed", "moco"], 1, out,
                               gradients="representation", **kwargs)
-    # moco is defined at the parameter level only: compile refuses, the others go on
-    assert [f["strategy"] for f in failures] == ["moco@representation"]
+    # moco is defined at the parameter level only: it runs there, labelled so
+    assert failures == []
     by_label = {run["strategy"]: run for run in runs}
-    assert set(by_label) == {"mgda@representation", "fixed"}
+    assert set(by_label) == {"mgda@representation", "fixed", "moco"}
     assert by_label["mgda@representation"]["gradient_level"] == "representation"
+    assert by_label["moco"]["gradient_level"] == "parameters"
+    assert runner.run_label("output_balancer") == "output_balancer@representation"
     assert by_label["fixed"]["gradients"] is None  # no level applies to a loss strategy
     fixed = out / "runs" / "fixed-seed0.json"
     stamp = fixed.stat().st_mtime_ns
@@ -308,7 +310,8 @@ def test_gradient_level_labels_runs_and_resumes_per_level(tmp_path, capsys):
         "mgda": "parameters", "fixed": None}
     assert fixed.stat().st_mtime_ns == stamp  # shared by both levels, not rerun
     assert sorted(p.name for p in (out / "runs").glob("*.json")) == [
-        "fixed-seed0.json", "mgda-seed0.json", "mgda_representation-seed0.json"]
+        "fixed-seed0.json", "mgda-seed0.json", "mgda_representation-seed0.json",
+        "moco-seed0.json"]
     assert runner.run_label("cagrad:c=0.5", "auto") == "cagrad:c=0.5@auto"
     assert runner.run_label("single:digit", "auto") == "single:digit"
     with pytest.raises(SystemExit):
@@ -350,13 +353,14 @@ def test_supervised_benchmark_runs_every_strategy(quick_runs, name):
     expected = [s for s in runner.runnable_by_name(lossbalance.strategies.available())
                 if lossbalance.strategies.get(s).min_tasks <= len(bench.task_names)]
     rows = {row["strategy"]: row for row in _strategy_rows(out)}
-    assert set(expected) <= set(rows)
-    for strategy in expected:
-        run = json.loads(runner.run_path(out, strategy, 0).read_text())
+    labels = [runner.run_label(s) for s in expected]  # the output balancer's level too
+    assert set(labels) <= set(rows)
+    for label in labels:
+        run = json.loads(runner.run_path(out, label, 0).read_text())
         assert run["kind"] == "method" and run["quick"]
         assert set(run["test"]) >= {m.name for m in bench.task_metrics}
-        assert all(np.isfinite(run["test"][m.name]) for m in bench.task_metrics), strategy
-        assert np.isfinite(float(rows[strategy]["delta_m"])), strategy
+        assert all(np.isfinite(run["test"][m.name]) for m in bench.task_metrics), label
+        assert np.isfinite(float(rows[label]["delta_m"])), label
     # single-task baselines and the LS sweep ran beside them, and delta-m% is consistent
     for task in bench.task_names:
         assert runner.run_path(out, f"single:{task}", 0).exists()
@@ -392,8 +396,10 @@ def test_toy_benchmark_runs_every_strategy(quick_runs):
     out, _ = quick_runs("toy")
     table = (out / "results.md").read_text()
     for strategy in runner.runnable_by_name(lossbalance.strategies.available()):
-        if lossbalance.strategies.get(strategy).min_tasks > 2:
-            assert not runner.run_path(out, strategy, 0).exists()  # not run on two tasks
+        defined = lossbalance.strategies.get(strategy)
+        if defined.min_tasks > 2 or "parameters" not in defined.gradient_levels:
+            # not run on two tasks, nor at a representation the toy model does not have
+            assert not runner.run_path(out, runner.run_label(strategy), 0).exists()
             continue
         run = json.loads(runner.run_path(out, strategy, 0).read_text())
         assert len(run["starts"]) == len(toy.STARTS)

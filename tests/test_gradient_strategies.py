@@ -76,14 +76,12 @@ def test_invalid_hyper_parameters_raise_at_construction(name, params):
 
 
 @pytest.mark.parametrize("name", GRADIENT_METHODS)
-def test_config_round_trip_and_docstring(name):
+def test_config_round_trip(name):
     strategy = strategies.get(strategy_spec(name))
     config = strategy.get_config()
     clone = strategies.get({**{k: v for k, v in config.items() if k != "name"},
                             "name": name})
     assert clone.get_config() == config
-    doc = type(strategy).__doc__
-    assert doc and len(doc) > 200 or name in ("sum", "mean")
 
 
 # Properties over random Jacobians (finite on degenerate ones, non-conflict, permutation
@@ -160,7 +158,8 @@ def test_trains_in_fit_with_xla(name, gradients, data):
             make_trunk_model().compile(loss=TWO_HEAD_LOSS, strategy=spec)
         return
     if gradients not in lossbalance.strategies.get(spec).gradient_levels:
-        with pytest.raises(ValueError, match="only defined at the parameter level"):
+        with pytest.raises(ValueError, match="only defined at the parameter level|"
+                                             "defined at the representation level only"):
             make_trunk_model().compile(loss=TWO_HEAD_LOSS, strategy=spec,
                                        gradients=gradients)
         return

@@ -104,14 +104,20 @@ class Level:
 
 
 def make_level(model, strategy, task_losses, gradients="parameters", representation=None,
-               vectorize=False, precision="float64") -> Level:
+               vectorize=False, precision="float64", grouping=None) -> Level:
     """The level `compile(gradients=..., representation=..., vectorize=...,
-    precision=...)` asks for, with its arguments checked against the strategy and the
-    model."""
+    precision=..., grouping=...)` asks for, with its arguments checked against the strategy
+    and the model."""
+    from lossbalance.levels import groups
+
     level = _make_level(model, strategy, task_losses, gradients, representation, vectorize)
     if precision not in PRECISIONS:
         raise ValueError(f"`precision` must be one of {list(PRECISIONS)}; got {precision!r}.")
     level.accumulate = tf.as_dtype(precision)
+    if grouping is not None:
+        groups.check_strategy(grouping, strategy, level.name,
+                              strategy.registry_name or type(strategy).__name__)
+        level.group_key = groups.key_function(grouping)
     return level
 
 
@@ -135,6 +141,11 @@ def _make_level(model, strategy, task_losses, gradients, representation, vectori
                 f"Strategy {name!r} takes its weights from two independent halves of each "
                 "batch, which vectorize=True does not provide; leave `vectorize` out.")
     parameter_level = HalfBatchLevel if strategy.uses_independent_halves else ParameterLevel
+    if "parameters" not in strategy.gradient_levels and (vectorize or gradients == "parameters"):
+        raise ValueError(
+            f"Strategy {name!r} is defined at the representation level only (the "
+            "per-task gradients at the shared representation z); compile with "
+            "gradients='representation' (or 'auto'), without vectorize=True.")
     if vectorize:
         if strategy.family == "loss":
             raise ValueError(
@@ -171,13 +182,18 @@ def _make_level(model, strategy, task_losses, gradients, representation, vectori
     if "representation" not in strategy.gradient_levels:
         if gradients == "auto":
             return parameter_level(model, strategy)
-        raise ValueError(
-            f"Strategy {name!r} is only defined at the parameter level (it keeps state "
-            "for every shared parameter); use gradients='parameters'.")
+        reason = ("it keeps state for every shared parameter"
+                  if strategy.needs_parameter_state else
+                  "it takes its weights from the parameter gradients of two halves of "
+                  "each batch" if strategy.uses_independent_halves else
+                  "where the method is defined")
+        raise ValueError(f"Strategy {name!r} is only defined at the parameter level "
+                         f"({reason}); use gradients='parameters'.")
     try:
         return RepresentationLevel(model, strategy,
                                    RepresentationForward(model, positions, representation))
     except RepresentationError:
-        if gradients == "auto" and representation is None:
+        if gradients == "auto" and representation is None and \
+                "parameters" in strategy.gradient_levels:
             return parameter_level(model, strategy)
         raise

@@ -10,6 +10,7 @@ from lossbalance import replicas
 from lossbalance.combination import weights_and_direction
 from lossbalance.levels.base import Level, Objectives, add, global_value, \
     transformed_task_losses
+from lossbalance.levels.groups import grouped_weights_and_update
 
 
 class GradientLevel(Level):
@@ -23,11 +24,13 @@ class GradientLevel(Level):
         #: tf.distribute (their writes are synchronisation points); a stateful strategy
         #: compiles its pure solver itself (Nash-MTL).
         self.solve = None
-        if strategy.family == "gramian":
-            self.solve = strategy.gramian_weights
-            if strategy.compiles_solver() and not strategy.state_variables():
-                self.solve = tf.function(strategy.gramian_weights, jit_compile=True,
-                                         autograph=False)
+        if strategy.family == "gramian" and strategy.compiles_solver() and \
+                not strategy.state_variables():
+            self.solve = tf.function(strategy.gramian_weights, jit_compile=True,
+                                     autograph=False)
+        #: `compile(grouping=...)`: the function mapping a shared variable to its group's
+        #: key (`lossbalance.levels.groups`), or None for one group.
+        self.group_key = None
 
     def objectives(self, raw_losses, regularization, batch=None) -> Objectives:
         strategy, scale = self.strategy, self.model.optimizer.scale_loss
@@ -90,30 +93,38 @@ class GradientLevel(Level):
             else None
         own_columns = None
 
-        def gramian():
-            g = tf.cast(gradients.gramian(self.accumulate), tf.float64)
+        def gramian(view):
+            g = tf.cast(view.gramian(self.accumulate), tf.float64)
             if local_rows:
                 g = replicas.sum_over_replicas(g)
             return g if scale is None else g / tf.cast(scale, g.dtype) ** 2
 
-        def jacobian():
+        def jacobian(view):
             nonlocal own_columns
-            j = gradients.jacobian()
+            j = view.jacobian()
             if local_rows:
                 j, own_columns = replicas.gather_columns(j)
             return j if scale is None else j / tf.cast(scale, j.dtype)
 
-        weights, direction = weights_and_direction(self.strategy, losses, gramian=gramian,
-                                                   jacobian=jacobian, solve=self.solve)
-        if direction is None:
-            weights = tf.cast(weights, losses.dtype)
-            update = gradients.combine(weights, self.accumulate)
-        else:
+        def combine(view, weights, direction):
+            if direction is None:
+                return view.combine(tf.cast(weights, losses.dtype), self.accumulate)
             if scale is not None:
                 direction *= tf.cast(scale, direction.dtype)
             if local_rows:
                 direction = own_columns(direction)
-            update = gradients.unflatten(direction)
+            return view.unflatten(direction)
+
+        if self.group_key is None:
+            weights, direction = weights_and_direction(
+                self.strategy, losses, gramian=lambda: gramian(gradients),
+                jacobian=lambda: jacobian(gradients), solve=self.solve)
+            update = combine(gradients, weights, direction)
+        else:
+            update, weights, _ = grouped_weights_and_update(
+                self.strategy, gradients, losses, self.group_key, gramian, jacobian, combine,
+                solve=self.solve)
+        weights = tf.cast(weights, losses.dtype)
         if not local_rows:
             update = {i: replicas.replica_share(g) for i, g in update.items()}
         return update, weights

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from lossbalance.gradients import TaskGradients, count_shared_parameters, task_gradients
+import math
+
+from lossbalance.gradients import TaskGradients, shared_variables, task_gradients
 from lossbalance.levels.gradient import GradientLevel
 
 
@@ -13,17 +15,24 @@ class ParameterLevel(GradientLevel):
     name = "parameters"
 
     def prepare(self, x, y, sample_weight) -> None:
-        """Create K x P strategy state (MoCo, DB-MTL, ExcessMTL) before the first step,
-        so that a skipped first step restores it; P is counted by tracing, not running,
-        the per-task gradients (see `lossbalance.strategies.parameter_state`)."""
+        """Before the first step, state sized by the shared parameters: K x P buffers
+        (MoCo, DB-MTL, ExcessMTL) or one strategy copy per parameter group
+        (`compile(grouping=...)`). The shared variables are found by tracing, not running,
+        the per-task gradients (`lossbalance.gradients.shared_variables`)."""
         strategy, model = self.strategy, self.model
-        if not strategy.needs_parameter_state or strategy.num_parameters is not None:
+        wants_size = strategy.needs_parameter_state and strategy.num_parameters is None
+        wants_groups = self.group_key is not None and strategy.num_groups is None
+        if not (wants_size or wants_groups):
             return
         own = {id(v) for v in strategy.trainable_variables}
-        strategy.build_parameter_state(count_shared_parameters(
+        shared = shared_variables(
             lambda x, y, sw: model._task_losses(y, model(x, training=True), sw),
             lambda: [v for v in model.trainable_variables if id(v) not in own],
-            x, y, sample_weight))
+            x, y, sample_weight)
+        if wants_size:
+            strategy.build_parameter_state(sum(math.prod(v.shape) for v in shared))
+        if wants_groups:
+            strategy.build_groups(len({self.group_key(v): None for v in shared}))
 
     def task_gradients(self, tape, scaled_losses, variables, z) -> TaskGradients:
         return TaskGradients(task_gradients(tape, scaled_losses, variables), variables)

@@ -42,6 +42,7 @@ from lossbalance.strategies.imtl import IMTL, IMTLG  # noqa: E402
 from lossbalance.strategies.mgda import MGDA  # noqa: E402
 from lossbalance.strategies.moco import MoCo  # noqa: E402
 from lossbalance.strategies.nash_mtl import NashMTL  # noqa: E402
+from lossbalance.strategies.output_balancer import OutputBalancer  # noqa: E402
 from lossbalance.strategies.parameter_state import ParameterStateAggregator  # noqa: E402
 from lossbalance.strategies.pcd import PriorityConstrainedDescent  # noqa: E402
 from lossbalance.strategies.reference import Mean, RandomWeights, Sum  # noqa: E402
@@ -68,6 +69,7 @@ __all__ = [
     "MoCo",
     "MoDo",
     "NashMTL",
+    "OutputBalancer",
     "PBI",
     "ParameterStateAggregator",
     "PriorityConstrainedDescent",

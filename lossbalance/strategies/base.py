@@ -98,7 +98,7 @@ class Strategy(keras.layers.Layer):
     #: (`lossbalance.aggregate`), A = G.
     uses_independent_halves: bool = False
 
-    def __init__(self, name=None, **kwargs):
+    def __init__(self, name=None, groups=None, **kwargs):
         unknown = sorted(set(kwargs) - _LAYER_ARGUMENTS)
         if unknown:
             accepted = [p for p in inspect.signature(type(self).__init__).parameters
@@ -109,6 +109,12 @@ class Strategy(keras.layers.Layer):
             )
         super().__init__(name=name or self.registry_name or None, **kwargs)
         self._task_names: tuple[str, ...] | None = None
+        if groups is not None and (isinstance(groups, bool) or not isinstance(groups, int)
+                                   or groups < 1):
+            raise TypeError(f"`groups` must be a positive int or None; got {groups!r}.")
+        # Known from a saved config: the copies are made in `bind`, so saved weights load.
+        self._configured_groups = groups
+        self.group_copies = []
 
     # -- binding to a model's tasks ------------------------------------------------------
 
@@ -144,6 +150,43 @@ class Strategy(keras.layers.Layer):
         self._task_names = task_names
         self.build_state(len(task_names))
         self.built = True
+        if self._configured_groups is not None:
+            self.build_groups(self._configured_groups)
+
+    # -- grouped balancing (`compile(grouping=...)`, `lossbalance.levels.groups`) ---------
+
+    @property
+    def num_groups(self) -> int | None:
+        """The number of parameter groups balanced separately, once known (else None)."""
+        return 1 + len(self.group_copies) if self._configured_groups or self.group_copies \
+            else None
+
+    def group_strategies(self) -> list:
+        """One strategy per group: this one for the first, copies (the same
+        hyper-parameters, each its own state) for the others. (A method: Keras' saving
+        walks properties, and this list holds the strategy itself.)"""
+        return [self, *self.group_copies]
+
+    def build_groups(self, count: int) -> None:
+        """Make the copies for `count` groups once (eagerly, also inside a traced step);
+        the count is then part of the config, so a saved model makes them again."""
+        count = int(count)
+        if self.num_groups is not None and self.num_groups == count and \
+                len(self.group_copies) == count - 1:
+            return
+        if self.group_copies:
+            raise ValueError(
+                f"Strategy {self.name!r} already balances {self.num_groups} parameter "
+                f"groups; this model has {count}. Give this model a new strategy.")
+        config = {k: v for k, v in self.get_config().items() if k not in ("name", "groups")}
+        with compat.unlocked_tracking(self), tf.init_scope():
+            copies = []
+            for index in range(1, count):
+                copy = type(self)(name=f"{self.name}_group_{index}", **config)
+                copy.bind(self.task_names)
+                copies.append(copy)
+            self.group_copies = copies
+        self._configured_groups = count
 
     def build_state(self, num_tasks: int) -> None:
         """Create the strategy's variables. Override in stateful strategies."""
@@ -269,6 +312,8 @@ class Strategy(keras.layers.Layer):
         config = super().get_config()
         for key in ("trainable", "dtype"):
             config.pop(key, None)
+        if self.num_groups is not None:
+            config["groups"] = self.num_groups
         return config
 
     def __repr__(self):

@@ -25,13 +25,14 @@ class GradVac(GramianWeighting):
 
     Conventions: as in LibMTL's port (the paper's public code base), the targets are
     updated on every visit with the current phi, and the whole shared parameter vector is
-    treated as one block; the paper also describes a per-layer variant (layer-wise
-    targets), not provided. Projected gradients are summed. Orders are drawn per step from a
+    treated as one block; the paper's per-layer variant (layer-wise targets) is
+    `compile(grouping="layer")`, which gives each layer its own copy and targets.
+    Projected gradients are summed. Orders are drawn per step from a
     Keras `SeedGenerator` (`seed=` or `keras.utils.set_random_seed`).
 
     Args:
-        beta: EMA rate of the targets, in [0, 1] (default 0.5, as requested by issue 3 and
-            LibMTL's default; the paper uses 1e-2).
+        beta: EMA rate of the targets, in [0, 1] (default 0.5, LibMTL's; the paper uses
+            1e-2).
         seed: optional int seed for the task orders.
 
     Reference: Z. Wang, Y. Tsvetkov, O. Firat, Y. Cao, "Gradient Vaccine: Investigating and

@@ -1,0 +1,139 @@
+"""compile(grouping=...): the strategy applied separately to groups of shared parameters."""
+
+import definitions
+import keras
+import numpy as np
+import pytest
+
+import lossbalance
+from lossbalance.diagnostics import inspect_batch
+
+LOSSES = {"cls": keras.losses.SparseCategoricalCrossentropy(from_logits=True), "reg": "mse"}
+
+
+def two_layer_trunk(seed=0):
+    """Two shared layers ("t1", "t2", four shared variables), a classifier and a
+    regressor."""
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((6,), name="x")
+    h = keras.layers.Dense(8, activation="tanh", name="t1")(x)
+    h = keras.layers.Dense(8, activation="tanh", name="t2")(h)
+    return lossbalance.BalancedModel(x, {"cls": keras.layers.Dense(3, name="cls")(h),
+                                         "reg": keras.layers.Dense(1, name="reg")(h)})
+
+
+def batch(seed=0, n=16, scale=0.3):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 6)).astype("float32")
+    return x, {"cls": rng.integers(0, 3, size=n),
+               "reg": (scale * rng.normal(size=(n, 1))).astype("float32")}
+
+
+def one_step(strategy, **compile_args):
+    model = two_layer_trunk()
+    model.compile(keras.optimizers.SGD(0.1), loss=LOSSES, strategy=strategy, **compile_args)
+    model.train_on_batch(*batch())
+    return model.get_weights()
+
+
+@pytest.mark.parametrize("name", ["mean", "sum"])
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_a_linear_strategy_makes_the_same_update_whatever_the_grouping(name, vectorize):
+    plain = one_step(name, vectorize=vectorize)
+    for grouping in ("variable", "layer", lambda v: v.path.endswith("bias")):
+        grouped = one_step(name, grouping=grouping, vectorize=vectorize)
+        for a, b in zip(plain, grouped):
+            np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+
+
+def test_mgda_per_group_weights_are_each_groups_min_norm_point():
+    model = two_layer_trunk()
+    model.compile("sgd", loss=LOSSES, strategy="mgda", grouping="layer")
+    x, y = batch()
+    report = inspect_batch(model, x, y)
+    assert list(report.group_weights) == ["t1", "t2"]
+    rows = _task_rows(model, x, y)
+    for layer, weights in report.group_weights.items():
+        expected = definitions.mgda(np.concatenate(rows[layer], axis=1))
+        np.testing.assert_allclose(weights, expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(report.weights, np.mean(list(report.group_weights.values()),
+                                                       axis=0), rtol=1e-6)
+    # two different problems: the groups' weights differ, and so does the update
+    assert not np.allclose(report.group_weights["t1"], report.group_weights["t2"],
+                           rtol=1e-3)
+    ungrouped = two_layer_trunk()
+    ungrouped.compile("sgd", loss=LOSSES, strategy="mgda")
+    plain = inspect_batch(ungrouped, x, y)
+    assert plain.group_weights is None
+    assert abs(plain.cosine_keras_strategy - report.cosine_keras_strategy) > 1e-4
+
+
+def _task_rows(model, x, y):
+    """{layer: [(K, size) task gradients of each of its variables]} in float64."""
+    import tensorflow as tf
+
+    out = {}
+    variables = [v for v in model.trainable_variables if v.path.split("/")[0] in ("t1",
+                                                                                  "t2")]
+    with tf.GradientTape(persistent=True) as tape:
+        raw = model._task_losses(y, model(x, training=False))
+    for v in variables:
+        rows = np.stack([tape.gradient(loss, v).numpy().ravel() for loss in raw])
+        out.setdefault(v.path.split("/")[0], []).append(rows.astype(np.float64))
+    return out
+
+
+def test_the_step_applies_each_groups_update_and_logs_their_mean():
+    x, y = batch()
+    model = two_layer_trunk()
+    model.compile(keras.optimizers.SGD(1.0), loss=LOSSES, strategy="mgda", grouping="layer")
+    report = inspect_batch(model, x, y)
+    rows = _task_rows(model, x, y)
+    before = {v.path: v.numpy().copy() for v in model.trainable_variables}
+    logs = model.train_on_batch(x, y, return_dict=True)
+    for v in model.trainable_variables:
+        layer = v.path.split("/")[0]
+        if layer not in rows:
+            continue
+        index = [u.path for u in model.trainable_variables
+                 if u.path.split("/")[0] == layer].index(v.path)
+        weights = report.group_weights[layer]
+        want = before[v.path] - (rows[layer][index].T @ weights).reshape(v.shape)
+        np.testing.assert_allclose(v.numpy(), want, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose([logs["cls_weight"], logs["reg_weight"]], report.weights,
+                               rtol=1e-5)
+
+
+def test_stateful_copies_train_save_and_load(tmp_path):
+    x, y = batch()
+    model = two_layer_trunk()
+    model.compile(keras.optimizers.SGD(0.01), loss=LOSSES, strategy="nash_mtl",
+                  grouping="variable")
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    strategy = model.strategy
+    assert strategy.num_groups == 4 and len(strategy.group_strategies()) == 4
+    assert all(int(s.step.numpy()) == 4 for s in strategy.group_strategies())
+    cached = [s.cached_weights.numpy() for s in strategy.group_strategies()]
+    assert not np.allclose(cached[0], cached[2])  # each group its own solution
+    path = tmp_path / "grouped.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    for a, b in zip(strategy.group_strategies(), loaded.strategy.group_strategies()):
+        np.testing.assert_allclose(b.cached_weights.numpy(), a.cached_weights.numpy())
+    np.testing.assert_allclose(loaded.predict(x, verbose=0)["reg"],
+                               model.predict(x, verbose=0)["reg"], rtol=1e-6)
+    loaded.fit(x, y, batch_size=8, epochs=1, verbose=0)
+
+
+@pytest.mark.parametrize("strategy, extra, message", [
+    ("fixed", {}, "weights the task losses"),
+    ("mgda", {"gradients": "representation"}, "use gradients='parameters'"),
+    ("moco", {}, "state sized by all the shared parameters"),
+    ("modo", {}, "two half-batches"),
+    ("imtl", {}, "learns variables"),
+    ("mgda", {"grouping": "block"}, "must be None, one of"),
+])
+def test_refused_where_it_does_not_apply(strategy, extra, message):
+    args = {"grouping": "layer", **extra}
+    with pytest.raises(ValueError, match=message):
+        two_layer_trunk().compile("sgd", loss=LOSSES, strategy=strategy, **args)

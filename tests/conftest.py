@@ -53,3 +53,16 @@ def two_head_data():
         "reg": (x[:, :1] * 2.0 + 0.1 * rng.normal(size=(64, 1))).astype("float32"),
     }
     return x, y
+
+
+def scaled_targets(two_head_data, scale=100.0):
+    """The users' case in miniature: the regression's loss ~10^4 times the classifier's."""
+    x, y = two_head_data
+    return x, {"cls": y["cls"], "reg": y["reg"] * scale}
+
+
+def fit_whole_batches(model, x, y, epochs=1, batch_size=64):
+    """`fit` in order, quietly; by default the whole fixture is one batch (one step an
+    epoch)."""
+    return model.fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=False,
+                     verbose=0).history

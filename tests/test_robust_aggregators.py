@@ -18,7 +18,7 @@ import lossbalance
 from lossbalance import strategies
 from lossbalance.strategies.registry import lookup
 
-NEW = ("krum", "trimmed_mean", "constant", "crmogm")
+METHODS = ("krum", "trimmed_mean", "constant", "crmogm")
 
 
 def _weights_and_direction(strategy, jacobian, losses=None):
@@ -315,9 +315,9 @@ CONFIGS = [("krum", {"n_byzantine": 1, "n_selected": 2, "distance": "euclidean"}
            ("crmogm", {"base": {"name": "crmogm", "base": "upgrad"}})]
 
 
-@pytest.mark.parametrize("name, params", [(n, {}) for n in NEW] + CONFIGS,
-                         ids=list(NEW) + [f"{c[0]}-{i}" for i, c in enumerate(CONFIGS)])
-def test_config_round_trip_and_docstring(name, params):
+@pytest.mark.parametrize("name, params", [(n, {}) for n in METHODS] + CONFIGS,
+                         ids=list(METHODS) + [f"{c[0]}-{i}" for i, c in enumerate(CONFIGS)])
+def test_config_round_trip(name, params):
     strategy = strategies.get(name, **params)
     config = strategy.get_config()
     clone = strategies.get({**{k: v for k, v in config.items() if k != "name"},
@@ -325,15 +325,12 @@ def test_config_round_trip_and_docstring(name, params):
     assert type(clone) is type(strategy) and clone.get_config() == config
     serialized = keras.saving.serialize_keras_object(strategy)
     assert strategies.get(serialized).get_config() == config
-    doc = type(strategy).__doc__
-    for part in ("Formula", "Default", "Reference"):
-        assert part in doc, (name, part)
 
 
 def test_declared_properties():
     """Only what the methods promise: none of them is non-conflicting or invariant to the
     tasks' scales; all read no losses by default."""
-    for name in NEW + ("rgw",):
+    for name in METHODS + ("rgw",):
         strategy = strategies.get(name)
         assert not strategy.non_conflicting and not strategy.scale_invariant, name
         assert not strategy.uses_losses, name

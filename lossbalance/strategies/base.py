@@ -191,6 +191,12 @@ class Strategy(keras.layers.Layer):
     def build_state(self, num_tasks: int) -> None:
         """Create the strategy's variables. Override in stateful strategies."""
 
+    def add_state(self, name, shape=(), initializer="zeros", dtype=None):
+        """A non-trainable state variable, saved with the model; under tf.distribute every
+        replica computes the same value and the first replica's is kept."""
+        return self.add_weight(shape=shape, name=name, initializer=initializer, dtype=dtype,
+                               trainable=False, aggregation="only_first_replica")
+
     def add_seed_generator(self, seed=None) -> keras.random.SeedGenerator:
         """A Keras `SeedGenerator` whose state is saved and restored with the model.
 

@@ -120,12 +120,8 @@ class CRMOGM(GramianWeighting):
         super().bind(task_names)
 
     def build_state(self, num_tasks):
-        self.average = self.add_weight(shape=(num_tasks,), name="average", dtype="float64",
-                                       initializer="zeros", trainable=False,
-                                       aggregation="only_first_replica")
-        self.step = self.add_weight(shape=(), name="step", dtype="int64",
-                                    initializer="zeros", trainable=False,
-                                    aggregation="only_first_replica")
+        self.average = self.add_state("average", (num_tasks,), dtype="float64")
+        self.step = self.add_state("step", dtype="int64")
 
     def _base_solve(self):
         """The base strategy's solver, compiled with XLA where the model would compile it

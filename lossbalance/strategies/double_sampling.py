@@ -26,6 +26,11 @@ class _DoubleSampling(GramianWeighting):
     uses_independent_halves = True
     gradient_levels = ("parameters",)
 
+    def build_state(self, num_tasks):
+        self.task_weights = self.add_state(
+            "task_weights", (num_tasks,),
+            initializer=lambda shape, dtype=None: tf.fill(shape, 1.0 / num_tasks))
+
     def _check_scale_free(self, scale_free):
         if not isinstance(scale_free, bool):
             raise TypeError(f"`scale_free` must be True or False; got {scale_free!r}.")
@@ -67,12 +72,6 @@ class MoDo(_DoubleSampling):
         self.gamma = check_number("gamma", gamma, minimum=0.0, strict=True)
         self.rho = check_number("rho", rho, minimum=0.0)
         self.scale_free = self._check_scale_free(scale_free)
-
-    def build_state(self, num_tasks):
-        self.task_weights = self.add_weight(
-            shape=(num_tasks,), name="task_weights",
-            initializer=lambda shape, dtype=None: tf.fill(shape, 1.0 / num_tasks),
-            trainable=False, aggregation="only_first_replica")
 
     def gramian_weights(self, gramian, losses):
         a = _normalized(gramian, self.scale_free)
@@ -129,12 +128,6 @@ class SDMGrad(_DoubleSampling):
         if self.momentum >= 1.0:
             raise ValueError(f"`momentum` must be < 1; got {momentum!r}.")
         self.scale_free = self._check_scale_free(scale_free)
-
-    def build_state(self, num_tasks):
-        self.task_weights = self.add_weight(
-            shape=(num_tasks,), name="task_weights",
-            initializer=lambda shape, dtype=None: tf.fill(shape, 1.0 / num_tasks),
-            trainable=False, aggregation="only_first_replica")
 
     def gramian_weights(self, gramian, losses):
         a = _normalized(gramian, self.scale_free)

@@ -92,15 +92,11 @@ class FAMO(LossWeighting):
             resolve_per_task("min_losses", self.min_losses, self.task_names, default=0.0,
                              validate=_check_min_loss), tf.float32)
 
-        def state(name, shape):
-            return self.add_weight(shape=shape, name=name, initializer="zeros",
-                                   trainable=False, aggregation="only_first_replica")
-
         #: Task logits xi; the task weights before normalisation are softmax(xi).
-        self.logits = state("logits", (num_tasks,))
-        self.adam_m = state("adam_m", (num_tasks,))
-        self.adam_v = state("adam_v", (num_tasks,))
-        self.adam_steps = state("adam_steps", ())
+        self.logits = self.add_state("logits", (num_tasks,))
+        self.adam_m = self.add_state("adam_m", (num_tasks,))
+        self.adam_v = self.add_state("adam_v", (num_tasks,))
+        self.adam_steps = self.add_state("adam_steps")
 
     def loss_floors(self):
         return self._min_losses.numpy().tolist()

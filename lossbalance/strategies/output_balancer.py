@@ -74,11 +74,8 @@ class OutputBalancer(GramianWeighting):
         if sum(shares) <= 0:
             raise ValueError(f"`shares` must not all be 0; got {shares}.")
         self.__dict__["_ratios"] = tuple(s / sum(shares) for s in shares)
-        state = {"trainable": False, "aggregation": "only_first_replica"}
-        self.norm_sums = self.add_weight(shape=(num_tasks,), name="norm_sums",
-                                         initializer="zeros", **state)
-        self.norm_count = self.add_weight(shape=(), name="norm_count", initializer="zeros",
-                                          **state)
+        self.norm_sums = self.add_state("norm_sums", (num_tasks,))
+        self.norm_count = self.add_state("norm_count")
 
     def gramian_weights(self, gramian, losses):
         g = tf.cast(gramian, tf.float64)

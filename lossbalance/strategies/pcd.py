@@ -189,12 +189,8 @@ class PriorityConstrainedDescent(GramianWeighting):
     def build_state(self, num_tasks):
         if self.normalization != "ema":
             return
-        self.average = self.add_weight(shape=(num_tasks,), name="average", dtype="float64",
-                                       initializer="zeros", trainable=False,
-                                       aggregation="only_first_replica")
-        self.step = self.add_weight(shape=(), name="step", dtype="int64",
-                                    initializer="zeros", trainable=False,
-                                    aggregation="only_first_replica")
+        self.average = self.add_state("average", (num_tasks,), dtype="float64")
+        self.step = self.add_state("step", dtype="int64")
 
     def scales(self, gramian):
         """The tasks' scales s (float64, (K,)): with "ema", the bias-corrected moving

@@ -69,6 +69,13 @@ def run(benchmarks=BUILT_IN, strategies=None, seeds=None, out=RUNS, results=RESU
                 section["markdown"] += (
                     f"\n\nNot run, defined for more than this benchmark's {tasks} tasks: "
                     + ", ".join(f"`{s}`" for s in too_few) + ".")
+            elsewhere = [s for s in strategies if getattr(get_benchmark(name), "custom", False)
+                         and runner._levels(s) and "parameters" not in runner._levels(s)]
+            if elsewhere:
+                section["markdown"] += (
+                    "\n\nNot run, defined at the representation level only, which this "
+                    "benchmark's model does not have: "
+                    + ", ".join(f"`{s}`" for s in elsewhere) + ".")
             sections.append(section)
         except Exception as error:  # noqa: BLE001 (a benchmark that fails: report, go on)
             message = f"{type(error).__name__}: {error}"

@@ -16,7 +16,7 @@ from experiments.__main__ import main
 def test_leaderboard_on_a_tiny_configuration(tmp_path, capsys):
     runs, docs = tmp_path / "runs", tmp_path / "docs"
     argv = ["leaderboard", "--benchmarks", "mnist1d,toy", "--strategies",
-            "fixed,famo,not_a_strategy", "--quick", "--seeds", "2", "--out", str(runs),
+            "fixed,famo,krum,output_balancer,not_a_strategy", "--quick", "--seeds", "2", "--out", str(runs),
             "--results", str(docs)]
     with pytest.warns(UserWarning, match="'not_a_strategy' seed . failed"):
         assert main(argv) == 1  # the unknown strategy fails, the others go on
@@ -29,10 +29,15 @@ def test_leaderboard_on_a_tiny_configuration(tmp_path, capsys):
     assert "tuned LS (`ls:ratio=" in text and "single-task `time`" in text
     assert "`not_a_strategy` seed 1" in text  # reported under its benchmark
     assert "reached (of 5)" in text
+    # not run where they are not defined, said under the benchmark
+    assert "Not run, defined for more than this benchmark's 2 tasks: `krum`" in text
+    assert ("Not run, defined at the representation level only, which this benchmark's "
+            "model does not have: `output_balancer`") in text
     with open(docs / "leaderboard.csv") as handle:
         rows = list(csv.DictReader(handle))
     mnist = {row["strategy"]: row for row in rows if row["benchmark"] == "mnist1d"}
-    assert {"fixed", "famo", "single:digit", "single:time"} <= set(mnist)
+    assert {"fixed", "famo", "output_balancer@representation", "single:digit",
+            "single:time"} <= set(mnist)
     assert mnist["fixed"]["verdict"] in ("better", "indistinguishable", "worse")
     fixed = json.loads((runs / "mnist1d" / "runs" / "fixed-seed1.json").read_text())
     single = {t: np.mean([json.loads((runs / "mnist1d" / "runs" /

@@ -5,9 +5,10 @@ averages, RNG draws, the step of an optimizer it owns) through `Strategy.write` 
 `Strategy.defer`, never by assigning its variables directly. While a step is being computed
 those changes are *staged*: `Strategy.read` returns a variable's staged value for the rest of
 the step, and nothing is assigned. `BalancedModel` then commits them with the update, or
-drops them when `compile(nonfinite=...)` skips the step; `lossbalance.inspect_batch` drops
-them always. Outside a step (`lossbalance.aggregate`, `on_epoch_end`, `update_after_step`)
-writes are assigned at once.
+drops them when `compile(nonfinite=...)` skips the step (FAMO's `update_after_step`, after
+the update, is staged and committed alike); `lossbalance.diagnostics.inspect_batch` drops
+them always. Outside a training step (`lossbalance.aggregate`, `on_epoch_end`, a custom
+loop) writes are assigned at once.
 
 So neither the non-finite guard nor the diagnostics snapshot and restore a strategy's state:
 a change that is not committed never happened.

@@ -15,7 +15,7 @@ import keras
 import tensorflow as tf
 
 from lossbalance.compat import get_loss
-from lossbalance.strategies.base import check_number, resolve_per_task
+from lossbalance.strategies.arguments import check_number, resolve_per_task
 
 
 @dataclass(frozen=True)

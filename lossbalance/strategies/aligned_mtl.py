@@ -4,7 +4,8 @@ import numpy as np
 import tensorflow as tf
 
 from lossbalance import solvers
-from lossbalance.strategies.base import GramianWeighting, check_choice
+from lossbalance.strategies.arguments import check_choice
+from lossbalance.strategies.base import GramianWeighting
 from lossbalance.strategies.registry import register
 
 SCALE_MODES = ("min", "median", "rmse")

@@ -5,7 +5,8 @@ import keras
 import tensorflow as tf
 
 from lossbalance.strategies import registry
-from lossbalance.strategies.base import GramianWeighting, check_number
+from lossbalance.strategies.arguments import check_number
+from lossbalance.strategies.base import GramianWeighting
 from lossbalance.strategies.registry import register
 
 

@@ -3,7 +3,7 @@
 import tensorflow as tf
 
 from lossbalance import solvers
-from lossbalance.strategies.base import check_number
+from lossbalance.strategies.arguments import check_number
 from lossbalance.strategies.parameter_state import ParameterStateAggregator
 from lossbalance.strategies.registry import register
 

@@ -9,7 +9,8 @@ rows; `lossbalance.levels.halves`), and applies J^T w of the whole batch.
 import tensorflow as tf
 
 from lossbalance import solvers
-from lossbalance.strategies.base import GramianWeighting, check_number
+from lossbalance.strategies.arguments import check_number
+from lossbalance.strategies.base import GramianWeighting
 from lossbalance.strategies.registry import register
 
 

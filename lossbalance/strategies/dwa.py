@@ -5,7 +5,8 @@ import tensorflow as tf
 
 from lossbalance.replicas import num_replicas
 from lossbalance.strategies._loss_utils import global_losses
-from lossbalance.strategies.base import LossWeighting, check_number
+from lossbalance.strategies.arguments import check_number
+from lossbalance.strategies.base import LossWeighting
 from lossbalance.strategies.registry import register
 
 

@@ -3,7 +3,8 @@
 import tensorflow as tf
 
 from lossbalance.strategies._loss_utils import global_losses
-from lossbalance.strategies.base import LossWeighting, check_number, resolve_per_task
+from lossbalance.strategies.arguments import check_number, resolve_per_task
+from lossbalance.strategies.base import LossWeighting
 from lossbalance.strategies.registry import register
 
 

@@ -4,7 +4,8 @@ from collections.abc import Mapping
 
 import tensorflow as tf
 
-from lossbalance.strategies.base import LossWeighting, check_number, resolve_per_task
+from lossbalance.strategies.arguments import check_number, resolve_per_task
+from lossbalance.strategies.base import LossWeighting
 from lossbalance.strategies.registry import register
 
 

@@ -12,7 +12,8 @@ with w_k = dS/dL_k held constant (stop_gradient), which gives exactly these grad
 import tensorflow as tf
 
 from lossbalance.strategies._loss_utils import global_losses, surrogate_offset
-from lossbalance.strategies.base import LossWeighting, check_number
+from lossbalance.strategies.arguments import check_number
+from lossbalance.strategies.base import LossWeighting
 from lossbalance.strategies.registry import register
 
 

@@ -4,7 +4,8 @@ import keras
 import tensorflow as tf
 
 from lossbalance import solvers
-from lossbalance.strategies.base import JacobianAggregator, check_number
+from lossbalance.strategies.arguments import check_number
+from lossbalance.strategies.base import JacobianAggregator
 from lossbalance.strategies.registry import register
 
 

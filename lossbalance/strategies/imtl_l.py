@@ -4,7 +4,8 @@ import keras
 import tensorflow as tf
 
 from lossbalance.replicas import replica_share
-from lossbalance.strategies.base import LossWeighting, check_number
+from lossbalance.strategies.arguments import check_number
+from lossbalance.strategies.base import LossWeighting
 from lossbalance.strategies.registry import register
 
 

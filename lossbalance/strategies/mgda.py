@@ -3,7 +3,8 @@
 import tensorflow as tf
 
 from lossbalance import solvers
-from lossbalance.strategies.base import GramianWeighting, check_choice, check_number
+from lossbalance.strategies.arguments import check_choice, check_number
+from lossbalance.strategies.base import GramianWeighting
 from lossbalance.strategies.registry import register
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")

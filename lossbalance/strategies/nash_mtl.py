@@ -3,7 +3,8 @@
 import tensorflow as tf
 
 from lossbalance import solvers
-from lossbalance.strategies.base import GramianWeighting, check_number
+from lossbalance.strategies.arguments import check_number
+from lossbalance.strategies.base import GramianWeighting
 from lossbalance.strategies.registry import register
 
 

@@ -3,7 +3,8 @@ of one total norm."""
 
 import tensorflow as tf
 
-from lossbalance.strategies.base import GramianWeighting, check_number, resolve_per_task
+from lossbalance.strategies.arguments import check_number, resolve_per_task
+from lossbalance.strategies.base import GramianWeighting
 from lossbalance.strategies.registry import register
 
 

@@ -6,7 +6,8 @@ import difflib
 import tensorflow as tf
 
 from lossbalance import solvers
-from lossbalance.strategies.base import GramianWeighting, check_choice, check_number
+from lossbalance.strategies.arguments import check_choice, check_number
+from lossbalance.strategies.base import GramianWeighting
 from lossbalance.strategies.registry import register
 
 NORMALIZATIONS = ("ema", "none")

@@ -2,7 +2,8 @@
 
 import tensorflow as tf
 
-from lossbalance.strategies.base import GramianWeighting, random_orders
+from lossbalance.strategies.arguments import random_orders
+from lossbalance.strategies.base import GramianWeighting
 from lossbalance.strategies.registry import register
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import tensorflow as tf
 
 from lossbalance import solvers
-from lossbalance.strategies.base import GramianWeighting, JacobianAggregator, \
-    check_choice, check_number
+from lossbalance.strategies.arguments import check_choice, check_number
+from lossbalance.strategies.base import GramianWeighting, JacobianAggregator
 from lossbalance.strategies.registry import register
 
 DISTANCES = ("squared", "euclidean")

@@ -31,7 +31,8 @@ import numpy as np
 import tensorflow as tf
 
 from lossbalance.strategies._loss_utils import global_losses, surrogate_offset
-from lossbalance.strategies.base import LossWeighting, check_number, resolve_per_task
+from lossbalance.strategies.arguments import check_number, resolve_per_task
+from lossbalance.strategies.base import LossWeighting
 from lossbalance.strategies.registry import register
 
 #: A loss vector within this angle (in radians, times K) of the preference ray is on it:

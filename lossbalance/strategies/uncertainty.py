@@ -7,7 +7,8 @@ import tensorflow as tf
 
 from lossbalance.replicas import replica_share
 from lossbalance.strategies._loss_utils import global_losses
-from lossbalance.strategies.base import LossWeighting, check_choice, check_number, resolve_per_task
+from lossbalance.strategies.arguments import check_choice, check_number, resolve_per_task
+from lossbalance.strategies.base import LossWeighting
 from lossbalance.strategies.registry import register
 
 FORMS = ("regression", "classification")

@@ -3,7 +3,8 @@
 import tensorflow as tf
 
 from lossbalance.strategies._loss_utils import global_losses
-from lossbalance.strategies.base import LossWeighting, check_choice, check_number
+from lossbalance.strategies.arguments import check_choice, check_number
+from lossbalance.strategies.base import LossWeighting
 from lossbalance.strategies.registry import register
 
 SUMS = ("one", "num_tasks")

@@ -67,9 +67,9 @@ class Level:
     """Turns one step's task losses into a gradient for every trainable variable.
 
     `BalancedModel.train_step` calls, in order: `prepare` (state sized by the first batch,
-    before the step's snapshot), `forward` and `objectives` inside its gradient tape, then
-    `gradients`. Subclasses: `LossLevel`, `ParameterLevel`, `VectorizedLevel`,
-    `RepresentationLevel`.
+    created before the step), `forward` and `objectives` inside its gradient tape, then
+    `gradients`. Subclasses: `LossLevel`, `ParameterLevel`, `HalfBatchLevel`,
+    `VectorizedLevel`, `RepresentationLevel`.
     """
 
     #: `BalancedModel.gradient_level`: "parameters", "representation" or None.

@@ -7,7 +7,7 @@ count P, so these strategies create that state in `build_parameter_state(P)`:
 * by `BalancedModel`, before its first training step: it counts the shared parameters by
   tracing (not running) one step's per-task gradients
   (`lossbalance.gradients.shared_variables`), so the state exists before the step
-  begins and `compile(nonfinite="skip")` restores it after a non-finite first step;
+  begins and a non-finite first step (`compile(nonfinite="skip")`) leaves it as created;
 * on first use otherwise (the low-level `lossbalance.aggregate`, a custom loop), from the
   Jacobian's static width: `aggregate` calls it when the state is missing, and the
   variables are created eagerly (`tf.init_scope`) even inside a traced function;

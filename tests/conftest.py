@@ -66,3 +66,21 @@ def fit_whole_batches(model, x, y, epochs=1, batch_size=64):
     epoch)."""
     return model.fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=False,
                      verbose=0).history
+
+
+def record_applied_gradients(model):
+    """Make the model's optimizer keep the gradients it is given, in variables (so graph
+    mode records them too); returns those variables, in `trainable_variables` order."""
+    import tensorflow as tf
+
+    records = [tf.Variable(tf.zeros_like(v)) for v in model.trainable_variables]
+    apply = model.optimizer.apply
+
+    def recording_apply(grads, variables=None):
+        for record, grad in zip(records, grads):
+            if grad is not None:
+                record.assign(tf.convert_to_tensor(grad))
+        return apply(grads, variables)
+
+    model.optimizer.apply = recording_apply
+    return records

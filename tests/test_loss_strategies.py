@@ -16,7 +16,6 @@ import lossbalance
 from lossbalance import strategies
 from conftest import REQUIRED_ARGUMENTS, TWO_HEAD_LOSS, make_trunk_model
 
-NEW_STRATEGIES = ["dwa", "rlw", "gls", "scale_invariant", "famo", "stch", "imtl_l"]
 
 
 def bound(name, tasks=("a", "b"), **kwargs):
@@ -58,15 +57,6 @@ def strategy_gradient(strategy, theta):
 
 
 THETA = np.array([0.3, -1.2, 2.0], dtype=np.float32)
-
-
-def test_registry_names_and_aliases():
-    for name in NEW_STRATEGIES:
-        assert name in strategies.available()
-        assert strategies.get(name).family == "loss"
-    assert isinstance(strategies.get("si"), strategies.ScaleInvariant)
-    assert isinstance(strategies.get("IMTL-L"), strategies.IMTLL)
-    assert isinstance(strategies.get("Smooth-Tchebycheff"), strategies.SmoothTchebycheff)
 
 
 # -- DWA ----------------------------------------------------------------------------------

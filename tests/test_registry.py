@@ -20,6 +20,13 @@ def test_available_lists_core_strategies():
     assert names == sorted(names)
 
 
+@pytest.mark.parametrize("name", ["dwa", "rlw", "gls", "scale_invariant", "famo", "stch",
+                                  "imtl_l", "pbi", "cosmos", "uw_so"])
+def test_loss_level_methods_are_registered_as_loss_weightings(name):
+    assert name in strategies.available()
+    assert strategies.get(name).family == "loss"
+
+
 @pytest.mark.parametrize("name, cls", [
     ("PCGrad", strategies.PCGrad),
     ("pc-grad", None),
@@ -27,6 +34,14 @@ def test_available_lists_core_strategies():
     ("grad_norm", None),
     ("GradNorm", strategies.GradNorm),
     (" Fixed ", strategies.FixedWeights),
+    ("si", strategies.ScaleInvariant),
+    ("IMTL-L", strategies.IMTLL),
+    ("Smooth-Tchebycheff", strategies.SmoothTchebycheff),
+    ("PBI", strategies.PBI),
+    ("penalty-boundary-intersection", strategies.PBI),
+    ("COSMOS", strategies.COSMOS),
+    ("UW-SO", strategies.SoftOptimalUncertaintyWeighting),
+    ("uwso", strategies.SoftOptimalUncertaintyWeighting),
 ])
 def test_names_are_case_and_dash_insensitive(name, cls):
     if cls is None:

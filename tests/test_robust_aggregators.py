@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from scipy import stats
+from conftest import record_applied_gradients
 from test_scales import KINDS, RATIOS, scaled_jacobian
 
 import lossbalance
@@ -406,21 +407,6 @@ def test_two_task_quick_start_is_refused_at_compile(name):
         model.compile(optimizer="adam", loss=_quick_start_losses(), strategy=name)
 
 
-def _recording(model):
-    """Make the optimizer keep the gradients it is given (variables: graph mode too)."""
-    records = [tf.Variable(tf.zeros_like(v)) for v in model.trainable_variables]
-    apply = model.optimizer.apply
-
-    def recording_apply(grads, variables=None):
-        for record, grad in zip(records, grads):
-            if grad is not None:
-                record.assign(tf.convert_to_tensor(grad))
-        return apply(grads, variables)
-
-    model.optimizer.apply = recording_apply
-    return records
-
-
 @pytest.mark.parametrize("name, params", [("krum", {}), ("trimmed_mean", {}),
                                           ("krum", {"n_selected": 2})])
 def test_training_step_applies_the_definition(name, params):
@@ -435,7 +421,7 @@ def test_training_step_applies_the_definition(name, params):
               "other": keras.losses.MeanSquaredError()}
     model.compile(optimizer=keras.optimizers.SGD(0.0), loss=losses,
                   strategy=strategies.get(name, **params))
-    records = _recording(model)
+    records = record_applied_gradients(model)
     model.train_on_batch(x, y)
     trunk = model.get_layer("trunk")
     with tf.GradientTape(persistent=True) as tape:

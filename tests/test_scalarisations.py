@@ -88,17 +88,6 @@ def numerical_gradient(function, point, relative=1e-6):
     return gradient
 
 
-def test_registry_names_aliases_and_family():
-    for name in NAMES:
-        assert name in strategies.available()
-        assert strategies.get(name).family == "loss"
-    assert isinstance(strategies.get("PBI"), strategies.PBI)
-    assert isinstance(strategies.get("penalty-boundary-intersection"), strategies.PBI)
-    assert isinstance(strategies.get("COSMOS"), strategies.COSMOS)
-    assert isinstance(strategies.get("UW-SO"), strategies.SoftOptimalUncertaintyWeighting)
-    assert isinstance(strategies.get("uwso"), strategies.SoftOptimalUncertaintyWeighting)
-
-
 def test_the_closed_form_gradients_are_those_of_the_objectives():
     """The NumPy weights used as references below are the derivatives of the papers'
     objectives (finite differences in float64), off the preference ray."""

@@ -20,7 +20,7 @@ import tensorflow as tf
 
 import lossbalance
 from lossbalance import strategies
-from conftest import REQUIRED_ARGUMENTS
+from conftest import REQUIRED_ARGUMENTS, record_applied_gradients
 
 RATIOS = (1.0, 1e2, 1e4, 1e6)
 SIZES = (2, 3, 5, 8)
@@ -360,21 +360,6 @@ def _two_head_model():
 LOSSES = {"cls": keras.losses.SparseCategoricalCrossentropy(from_logits=True), "reg": "mse"}
 
 
-def _recording(model):
-    """Make the optimizer keep the gradients it is given (in variables: graph mode too)."""
-    records = [tf.Variable(tf.zeros_like(v)) for v in model.trainable_variables]
-    apply = model.optimizer.apply
-
-    def recording_apply(grads, variables=None):
-        for record, grad in zip(records, grads):
-            if grad is not None:
-                record.assign(tf.convert_to_tensor(grad))
-        return apply(grads, variables)
-
-    model.optimizer.apply = recording_apply
-    return records
-
-
 def _task_rows(model, x, y, level):
     """The tasks' gradients as the step sees them (float32), rows of J, and a function
     taking a (K,) weight vector to the expected trunk gradients."""
@@ -419,7 +404,7 @@ def test_training_step_applies_the_definition(name, level):
     model = _two_head_model()
     model.compile(optimizer=keras.optimizers.SGD(0.0), loss=LOSSES, strategy=name,
                   gradients=level, run_eagerly=name not in TRACED)
-    records = _recording(model)
+    records = record_applied_gradients(model)
     rng = np.random.default_rng(12)
     x = rng.normal(size=(16, 8)).astype("float32")
     trunk_ids = [id(v) for v in model.get_layer("trunk").trainable_variables]
@@ -455,7 +440,7 @@ def test_loss_weight_of_1e4_leaves_a_scale_invariant_step_unchanged():
             model = _two_head_model()
             model.compile(optimizer=keras.optimizers.SGD(0.0), loss=LOSSES, strategy=name,
                           loss_weights={"cls": 1.0, "reg": weight}, run_eagerly=True)
-            records = _recording(model)
+            records = record_applied_gradients(model)
             model.train_on_batch(x, y)
             trunk = model.get_layer("trunk").trainable_variables
             updates.append(np.concatenate([records[i].numpy().ravel() for i, v in enumerate(
@@ -562,7 +547,7 @@ def test_float32_precision_is_an_opt_out(tmp_path):
         model = _two_head_model()
         model.compile(optimizer=keras.optimizers.SGD(0.0), loss=LOSSES, strategy="mgda",
                       precision=precision)
-        records = _recording(model)
+        records = record_applied_gradients(model)
         model.train_on_batch(x, y)
         updates.append(np.concatenate([r.numpy().ravel() for r in records]))
     np.testing.assert_allclose(updates[1], updates[0], rtol=1e-4, atol=1e-6)

@@ -331,7 +331,9 @@ class Strategy(keras.layers.Layer):
 class LossWeighting(Strategy):
     """Weights computed from the task losses; one backward pass of sum_k w_k L_k.
 
-    Subclasses implement `loss_weights`. The weights are used as given: a strategy whose
+    Subclasses implement `loss_weights` (and `extra_loss` if they add a term), or
+    `weighting` when the two share work: `loss_weights` and `extra_loss` then default to
+    its two parts. The weights are used as given: a strategy whose
     weights must not receive gradient (most of them) wraps them in `tf.stop_gradient`; a
     strategy that learns its weights with the model (uncertainty weighting) leaves them
     differentiable and owns trainable variables, which the model's optimizer updates.
@@ -340,8 +342,11 @@ class LossWeighting(Strategy):
     family = "loss"
 
     def loss_weights(self, losses: tf.Tensor) -> tf.Tensor:
-        """(K,) task losses -> (K,) weights."""
-        raise NotImplementedError
+        """(K,) task losses -> (K,) weights (by default, those `weighting` returns)."""
+        if not self._overrides_weighting():
+            raise NotImplementedError(f"{type(self).__name__} must implement loss_weights "
+                                      "or weighting.")
+        return self.weighting(losses)[0]
 
     def weighting(self, losses: tf.Tensor):
         """Everything a training step needs from the strategy, in one call inside the
@@ -352,8 +357,12 @@ class LossWeighting(Strategy):
         return self.loss_weights(losses), extra
 
     def extra_loss(self, losses: tf.Tensor) -> tf.Tensor | None:
-        """An extra scalar term added to the objective (e.g. a log-variance penalty)."""
-        return None
+        """An extra scalar term added to the objective (e.g. a log-variance penalty): by
+        default the one `weighting` returns, else none."""
+        return self.weighting(losses)[1] if self._overrides_weighting() else None
+
+    def _overrides_weighting(self) -> bool:
+        return type(self).weighting is not LossWeighting.weighting
 
 
 class GramianWeighting(Strategy):

@@ -170,12 +170,6 @@ class _PreferenceScalarisation(LossWeighting):
         return (tf.stop_gradient(tf.cast(weights, losses.dtype)),
                 tf.cast(surrogate_offset(value, weights, total), losses.dtype))
 
-    def loss_weights(self, losses):
-        return self.weighting(losses)[0]
-
-    def extra_loss(self, losses):
-        return self.weighting(losses)[1]
-
     def get_config(self):
         def stored(value):
             if isinstance(value, Mapping):

@@ -151,9 +151,6 @@ class SmoothTchebycheff(LossWeighting):
         return (tf.stop_gradient(tf.cast(weights, losses.dtype)),
                 tf.cast(surrogate_offset(value, weights, total), losses.dtype))
 
-    def loss_weights(self, losses):
-        return self.weighting(losses)[0]
-
     def extra_loss(self, losses):
         weights, value, total = self._compute(losses)
         return tf.cast(surrogate_offset(value, weights, total), losses.dtype)

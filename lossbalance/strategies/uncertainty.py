@@ -213,9 +213,6 @@ class UncertaintyWeighting(LossWeighting):
                    tf.cast(gradient, self.log_variance.dtype))
         return tf.stop_gradient(weights), extra
 
-    def loss_weights(self, losses):
-        return self.weighting(losses)[0]
-
     def extra_loss(self, losses):
         return self._extra(self._log_variance(losses)[0])
 

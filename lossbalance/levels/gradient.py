@@ -18,16 +18,9 @@ class GradientLevel(Level):
 
     def __init__(self, model, strategy):
         super().__init__(model, strategy)
-        #: The weight solver; compiled with XLA on its own where the strategy says so
-        #: (`GramianWeighting.compiles_solver`), even in a step that is not. Only a
-        #: strategy without state: a nested function may not write variables under
-        #: tf.distribute (their writes are synchronisation points); a stateful strategy
-        #: compiles its pure solver itself (Nash-MTL).
-        self.solve = None
-        if strategy.family == "gramian" and strategy.compiles_solver() and \
-                not strategy.state_variables():
-            self.solve = tf.function(strategy.gramian_weights, jit_compile=True,
-                                     autograph=False)
+        #: The weight solver compiled with XLA on its own, or None for the strategy's
+        #: `gramian_weights` as it is (`GramianWeighting.compiled_solver`).
+        self.solve = strategy.compiled_solver() if strategy.family == "gramian" else None
         #: `compile(grouping=...)`: the function mapping a shared variable to its group's
         #: key (`lossbalance.levels.groups`), or None for one group.
         self.group_key = None

@@ -389,6 +389,16 @@ class GramianWeighting(Strategy):
         """Whether `BalancedModel` compiles this bound strategy's solver with XLA."""
         return self.xla_max_tasks is None or self.num_tasks <= self.xla_max_tasks
 
+    def compiled_solver(self):
+        """`gramian_weights` compiled with XLA on its own (once per instance, even in a step
+        that is not), or None: where `compiles_solver` says no, and for a strategy with
+        state, as a nested function may not write variables under tf.distribute (a
+        stateful strategy compiles its pure solver itself, as Nash-MTL does)."""
+        if not self.compiles_solver() or self.state_variables():
+            return None
+        return self.__dict__.setdefault("_compiled_solver", tf.function(
+            self.gramian_weights, jit_compile=True, autograph=False))
+
     def gramian_weights(self, gramian: tf.Tensor, losses: tf.Tensor) -> tf.Tensor:
         """(K, K) Gramian and (K,) losses -> (K,) weights."""
         raise NotImplementedError

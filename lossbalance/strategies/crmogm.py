@@ -124,18 +124,11 @@ class CRMOGM(GramianWeighting):
         self.average = self.add_state("average", (num_tasks,), dtype="float64")
         self.step = self.add_state("step", dtype="int64")
 
-    def _base_solve(self):
-        """The base strategy's solver, compiled with XLA where the model would compile it
-        (a stateless base within its `xla_max_tasks`): the model does not compile this
-        strategy's own `gramian_weights`, which writes the average."""
-        base = self.base
-        if base.compiles_solver() and not base.state_variables():
-            return self.__dict__.setdefault("_compiled_solve", tf.function(
-                base.gramian_weights, jit_compile=True, autograph=False))
-        return base.gramian_weights
-
     def gramian_weights(self, gramian, losses):
-        fresh = tf.cast(self._base_solve()(gramian, losses), tf.float64)
+        # the base's solver compiled where the model would compile it: the model does not
+        # compile this strategy's own `gramian_weights`, which writes the average
+        solve = self.base.compiled_solver() or self.base.gramian_weights
+        fresh = tf.cast(solve(gramian, losses), tf.float64)
         previous, step = self.read(self.average), self.read(self.step)
         average = tf.where(tf.equal(step, 0), fresh,
                            self.alpha * previous + (1.0 - self.alpha) * fresh)

@@ -55,27 +55,23 @@ def run(benchmarks=BUILT_IN, strategies=None, seeds=None, out=RUNS, results=RESU
     bar = tqdm(list(benchmarks), desc="leaderboard", unit="benchmark", disable=not progress)
     for name in bar:
         bar.set_postfix_str(name)
-        failed = []
+        failed, skipped = [], {}
         try:
             runs = runner.compare(name, strategies, seeds, out / name, epochs=epochs,
                                   quick=quick, steps=steps, progress=progress,
-                                  errors="continue", failures=failed)
+                                  errors="continue", failures=failed, skipped=skipped)
             if runs:
                 report.write_report(runs, out / name)
             section = _section(name, runs, failed, results)
-            tasks = len(get_benchmark(name).task_names)
-            too_few = [s for s in strategies if runner._tasks_needed(s) > tasks]
-            if too_few:
+            if skipped["too_few"]:
                 section["markdown"] += (
-                    f"\n\nNot run, defined for more than this benchmark's {tasks} tasks: "
-                    + ", ".join(f"`{s}`" for s in too_few) + ".")
-            elsewhere = [s for s in strategies if getattr(get_benchmark(name), "custom", False)
-                         and runner._levels(s) and "parameters" not in runner._levels(s)]
-            if elsewhere:
+                    f"\n\nNot run, defined for more than this benchmark's {skipped['tasks']} "
+                    "tasks: " + ", ".join(f"`{s}`" for s in skipped["too_few"]) + ".")
+            if skipped["elsewhere"]:
                 section["markdown"] += (
                     "\n\nNot run, defined at the representation level only, which this "
                     "benchmark's model does not have: "
-                    + ", ".join(f"`{s}`" for s in elsewhere) + ".")
+                    + ", ".join(f"`{s}`" for s in skipped["elsewhere"]) + ".")
             sections.append(section)
         except Exception as error:  # noqa: BLE001 (a benchmark that fails: report, go on)
             message = f"{type(error).__name__}: {error}"

@@ -103,27 +103,31 @@ def run_label(spec: str, gradients: str = "parameters") -> str:
     return label if level in (None, "parameters") else f"{label}@{level}"
 
 
-def _tasks_needed(label: str) -> int:
-    """The fewest tasks a run's strategy is defined for (`Strategy.min_tasks`); 1 for the
-    baselines and for specs that do not resolve (their run then fails with the reason)."""
+def _strategy_of(label: str):
+    """The strategy a method run's spec makes, or None for the baselines and for specs that
+    do not resolve (their run then fails with the reason)."""
     if run_kind(label) != "method":
-        return 1
+        return None
     try:
-        return lossbalance.strategies.get(parse_strategy(label)[1]).min_tasks
+        return lossbalance.strategies.get(parse_strategy(label)[1])
     except Exception:  # noqa: BLE001
-        return 1
+        return None
 
 
-def _levels(label: str) -> tuple[str, ...]:
-    """The gradient levels a run's strategy is defined at (empty for the baselines, loss
-    strategies and specs that do not resolve)."""
-    if run_kind(label) != "method":
-        return ()
-    try:
-        strategy = lossbalance.strategies.get(parse_strategy(label)[1])
-    except Exception:  # noqa: BLE001
-        return ()
-    return () if strategy.family == "loss" else tuple(strategy.gradient_levels)
+def unrunnable(bench, labels) -> tuple[list[str], list[str]]:
+    """The labels `bench` cannot run: (those defined for more tasks than it has, those
+    defined at the representation level only when its model has none: the toys')."""
+    too_few, elsewhere = [], []
+    for label in labels:
+        strategy = _strategy_of(label)
+        if strategy is None:
+            continue
+        if strategy.min_tasks > len(bench.task_names):
+            too_few.append(label)
+        elif getattr(bench, "custom", False) and strategy.family != "loss" and \
+                "parameters" not in strategy.gradient_levels:
+            elsewhere.append(label)
+    return too_few, elsewhere
 
 
 def runnable_by_name(names) -> list[str]:
@@ -301,7 +305,8 @@ def run_path(out: Path, strategy_label: str, seed: int) -> Path:
 def compare(benchmark: str, strategies: list[str], seeds: int | None, out: Path, *,
             epochs=None, batch_size=None, keras_verbose=0, progress=True, quick=False,
             baselines=True, steps=None, eager=None, errors="raise",
-            failures: list | None = None, gradients="parameters") -> list[dict]:
+            failures: list | None = None, gradients="parameters",
+            skipped: dict | None = None) -> list[dict]:
     """Run every strategy (and, unless `baselines=False`, the single-task baselines and the
     linear-scalarisation sweep) with every seed, skipping runs already saved in `out`.
     `gradients`: the gradient level of the strategies that compute per-task gradients (their
@@ -310,6 +315,8 @@ def compare(benchmark: str, strategies: list[str], seeds: int | None, out: Path,
     Returns every run's result (dicts, as saved in `out/runs/*.json`). With
     `errors="continue"`, a run that raises is reported (a warning, and a dict with its
     "error" appended to `failures`), not saved (so a rerun retries it), and the others go on.
+    Strategies the benchmark cannot run (`unrunnable`) are left out with a warning; a
+    `skipped` dict receives them ("too_few", "elsewhere") and the task count ("tasks").
     """
     from tqdm import tqdm
 
@@ -321,19 +328,17 @@ def compare(benchmark: str, strategies: list[str], seeds: int | None, out: Path,
     _check_custom_level(bench, gradients)
     labels = [spec if run_kind(spec) != "method" else parse_strategy(spec)[0]
               for spec in strategies]  # checks the specs early
-    too_few = {label: needed for label in labels
-               if (needed := _tasks_needed(label)) > len(bench.task_names)}
-    for label, needed in too_few.items():
-        warnings.warn(f"{benchmark}: {label!r} is defined for {needed} or more tasks and "
-                      f"the benchmark has {len(bench.task_names)}: not run.")
-    labels = [label for label in labels if label not in too_few]
-    if getattr(bench, "custom", False):  # the parameter level only (no representation)
-        elsewhere = [label for label in labels if _levels(label) and
-                     "parameters" not in _levels(label)]
-        for label in elsewhere:
-            warnings.warn(f"{benchmark}: {label!r} is defined at the representation level "
-                          "only, which this benchmark's model does not have: not run.")
-        labels = [label for label in labels if label not in elsewhere]
+    too_few, elsewhere = unrunnable(bench, labels)
+    for label in too_few:
+        warnings.warn(f"{benchmark}: {label!r} is defined for "
+                      f"{_strategy_of(label).min_tasks} or more tasks and the benchmark has "
+                      f"{len(bench.task_names)}: not run.")
+    for label in elsewhere:
+        warnings.warn(f"{benchmark}: {label!r} is defined at the representation level "
+                      "only, which this benchmark's model does not have: not run.")
+    if skipped is not None:
+        skipped.update(too_few=too_few, elsewhere=elsewhere, tasks=len(bench.task_names))
+    labels = [label for label in labels if label not in too_few + elsewhere]
     if baselines and not getattr(bench, "custom", False):
         labels += [b for b in baseline_labels(bench, quick) if b not in labels]
     jobs = [(label, seed) for seed in range(seeds) for label in labels]

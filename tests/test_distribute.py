@@ -42,6 +42,8 @@ MIRRORED_RUNS = [
     {"strategy": "sdmgrad"},
     {"strategy": "mgda", "vectorize": True},
     {"strategy": "nash_mtl", "grouping": "variable"},  # a state copy per group
+    {"strategy": "db_mtl", "grouping": "variable"},  # K x P_g state per group
+    {"strategy": "modo", "grouping": "variable"},  # the halves' A_g per group
     {"strategy": "mean", "gradients": "representation"},
     {"strategy": "mgda", "gradients": "representation"},
     {"strategy": "nash_mtl", "gradients": "representation"},

@@ -80,18 +80,21 @@ def _task_gradients(model, x, y, sample_weight, rows):
     return jac.astype(np.float64), heads
 
 
+@pytest.mark.parametrize("grouping", [None, "variable"])
 @pytest.mark.parametrize("name", ["modo", "sdmgrad"])
-def test_training_step_uses_the_two_halves(name):
+def test_training_step_uses_the_two_halves(name, grouping):
     """The step's weights come from A = J1 J2^T of the even and odd rows (sample weights
     split alike), the trunk's update is J^T w of the whole batch, each head gets its own
-    task's gradient."""
+    task's gradient. Grouped, each group (the trunk's kernel, its bias) has its own A_g,
+    weights and state, and gets J_g^T w_g."""
     rng = np.random.default_rng(1)
     x = rng.normal(size=(12, 6)).astype("float32")
     y = {"cls": rng.integers(0, 3, size=12), "reg": 50 * rng.normal(size=(12, 1)).astype("f4")}
     sample_weight = {"cls": rng.uniform(0.5, 2, size=12).astype("f4"),
                      "reg": rng.uniform(0.5, 2, size=12).astype("f4")}
     model = _model()
-    model.compile(optimizer=keras.optimizers.SGD(0.0), loss=LOSSES, strategy=name)
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss=LOSSES, strategy=name,
+                  grouping=grouping)
     assert type(model._level).__name__ == "HalfBatchLevel"
     records = [tf.Variable(tf.zeros_like(v)) for v in model.trainable_variables]
     apply = model.optimizer.apply
@@ -102,19 +105,24 @@ def test_training_step_uses_the_two_halves(name):
         return apply(grads, variables)
 
     model.optimizer.apply = recording
-    state = np.full(2, 0.5)
+    groups = [slice(None)] if grouping is None else [slice(0, 6 * 8), slice(6 * 8, None)]
+    states = [np.full(2, 0.5) for _ in groups]
     for _ in range(2):  # the weights are carried over from step to step
         j1, _ = _task_gradients(model, x, y, sample_weight, slice(0, None, 2))
         j2, _ = _task_gradients(model, x, y, sample_weight, slice(1, None, 2))
         full, heads = _task_gradients(model, x, y, sample_weight, slice(None))
-        if name == "modo":
-            state = weights = modo_step(j1 @ j2.T, state)
-        else:
-            state, weights = sdmgrad_step(j1 @ j2.T, state)
+        expected = []
+        for index, columns in enumerate(groups):
+            cross = j1[:, columns] @ j2[:, columns].T
+            if name == "modo":
+                states[index] = weights = modo_step(cross, states[index])
+            else:
+                states[index], weights = sdmgrad_step(cross, states[index])
+            expected.append(full[:, columns].T @ weights)
         model.train_on_batch(x, y, sample_weight=sample_weight)
         trunk = np.concatenate([records[i].numpy().ravel() for i, v in enumerate(
             model.trainable_variables) if "trunk" in v.path])
-        np.testing.assert_allclose(trunk, full.T @ weights, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(trunk, np.concatenate(expected), rtol=1e-4, atol=1e-6)
         for name_, own in zip(("cls", "reg"), heads):
             got = [records[i].numpy() for i, v in enumerate(model.trainable_variables)
                    if v.path.startswith(name_ + "/")]

@@ -66,8 +66,9 @@ class GradientLevel(Level):
         objective (regularisation), or is None."""
         raise NotImplementedError
 
-    def combine_shared(self, gradients, losses, local_rows=False):
+    def combine_shared(self, gradients, losses, local_rows=False, gramian_of=None):
         """The strategy's combination of the shared rows: ({index: update}, weights).
+        `gramian_of(view)` replaces a view's Gramian (e.g. the halves' J1 J2^T).
 
         Under tf.distribute (`losses` are then global): at the parameter level the
         replicas' per-task gradients are summed first, giving the global J, and the
@@ -87,7 +88,8 @@ class GradientLevel(Level):
         own_columns = None
 
         def gramian(view):
-            g = tf.cast(view.gramian(self.accumulate), tf.float64)
+            g = tf.cast(view.gramian(self.accumulate) if gramian_of is None
+                        else gramian_of(view), tf.float64)
             if local_rows:
                 g = replicas.sum_over_replicas(g)
             return g if scale is None else g / tf.cast(scale, g.dtype) ** 2

@@ -55,10 +55,6 @@ def check_strategy(grouping, strategy, gradients, name) -> None:
     elif gradients != "parameters":
         reason = (f"groups are of shared parameters, and gradients={gradients!r} balances "
                   "elsewhere: use gradients='parameters'")
-    elif strategy.uses_independent_halves:
-        reason = "its weights come from two half-batches' gradients, which are not grouped"
-    elif strategy.needs_parameter_state:
-        reason = "it keeps state sized by all the shared parameters"
     elif strategy.trainable_variables:
         reason = "it learns variables (loss scales) shared by every group"
     if reason is not None:
@@ -66,12 +62,17 @@ def check_strategy(grouping, strategy, gradients, name) -> None:
                          f"{name!r}: {reason}.")
 
 
+def partition(items, key) -> dict:
+    """{group key: [items]}: `items` grouped by `key(item)`, in order of first appearance."""
+    groups = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return groups
+
+
 def group_indices(gradients, key) -> list[tuple[object, list[int]]]:
     """[(group key, indices of its shared variables)], ordered by first shared variable."""
-    groups = {}
-    for i in gradients.shared:
-        groups.setdefault(key(gradients.variables[i]), []).append(i)
-    return list(groups.items())
+    return list(partition(gradients.shared, lambda i: key(gradients.variables[i])).items())
 
 
 def restricted(gradients, indices):

@@ -11,6 +11,9 @@ batches, about the cost of the parameter level's K), the strategy's weights from
 A = J1 J2^T (`gramian_weights` receives A, which is not symmetric), then the update
 J^T w of the *whole* batch's task gradients on the shared variables, taken as one backward
 pass of sum_k w_k L_k(batch), and each head its own task's gradient on the whole batch.
+With grouped balancing (`compile(grouping=...)`) each group's copy of the strategy gets its
+group's A_g = J1_g J2_g^T, and the update J_g^T w_g is formed from the K task gradients of
+the whole batch (K more backward passes).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from lossbalance import replicas
 from lossbalance.gradients import TaskGradients, task_gradients
 from lossbalance.levels.base import transformed_task_losses
 from lossbalance.levels.gradient import _scales_loss
+from lossbalance.levels.groups import restricted
 from lossbalance.levels.parameters import ParameterLevel
 
 
@@ -54,7 +58,16 @@ class HalfBatchLevel(ParameterLevel):
         self.check(first)
         first.sum_over_replicas()
         second.sum_over_replicas()
-        cross = first.cross_gramian(second)
+
+        def cross(view):  # A = J1 J2^T on the view's shared variables
+            return restricted(first, view.shared).cross_gramian(
+                restricted(second, view.shared))
+
+        if self.group_key is not None:  # each group's A and weights, the batch's J_g^T w_g
+            gradients = self.task_gradients(tape, scaled_losses, variables, z)
+            shared, weights = self.combine_shared(gradients, losses, gramian_of=cross)
+            return gradients.gradients(shared, other), weights
+        cross = cross(first)
         optimizer = self.model.optimizer
         if _scales_loss(optimizer):
             cross /= tf.cast(optimizer.scale_loss(tf.ones((), losses.dtype)), cross.dtype) ** 2

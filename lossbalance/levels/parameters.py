@@ -6,6 +6,7 @@ import math
 
 from lossbalance.gradients import TaskGradients, shared_variables, task_gradients
 from lossbalance.levels.gradient import GradientLevel
+from lossbalance.levels.groups import partition
 
 
 class ParameterLevel(GradientLevel):
@@ -16,9 +17,10 @@ class ParameterLevel(GradientLevel):
 
     def prepare(self, x, y, sample_weight) -> None:
         """Before the first step, state sized by the shared parameters: K x P buffers
-        (MoCo, DB-MTL, ExcessMTL) or one strategy copy per parameter group
-        (`compile(grouping=...)`). The shared variables are found by tracing, not running,
-        the per-task gradients (`lossbalance.gradients.shared_variables`)."""
+        (MoCo, DB-MTL, ExcessMTL) and/or one strategy copy per parameter group
+        (`compile(grouping=...)`), each copy's buffers sized by its group. The shared
+        variables are found by tracing, not running, the per-task gradients
+        (`lossbalance.gradients.shared_variables`)."""
         strategy, model = self.strategy, self.model
         wants_size = strategy.needs_parameter_state and strategy.num_parameters is None
         wants_groups = self.group_key is not None and strategy.num_groups is None
@@ -29,10 +31,14 @@ class ParameterLevel(GradientLevel):
             lambda x, y, sw: model._task_losses(y, model(x, training=True), sw),
             lambda: [v for v in model.trainable_variables if id(v) not in own],
             x, y, sample_weight)
+        if self.group_key is None:
+            strategy.build_parameter_state(_size(shared))
+            return
+        groups = partition(shared, self.group_key).values()
+        strategy.build_groups(len(groups))
         if wants_size:
-            strategy.build_parameter_state(sum(math.prod(v.shape) for v in shared))
-        if wants_groups:
-            strategy.build_groups(len({self.group_key(v): None for v in shared}))
+            for member, variables in zip(strategy.group_strategies(), groups):
+                member.build_parameter_state(_size(variables))
 
     def task_gradients(self, tape, scaled_losses, variables, z) -> TaskGradients:
         return TaskGradients(task_gradients(tape, scaled_losses, variables), variables)
@@ -60,3 +66,8 @@ class ParameterLevel(GradientLevel):
                 "against the others. Build every head on the shared trunk, or train such "
                 "a task separately."
             )
+
+
+def _size(variables) -> int:
+    """The number of scalar parameters in `variables`."""
+    return sum(math.prod(v.shape) for v in variables)

@@ -178,15 +178,20 @@ class Strategy(keras.layers.Layer):
             raise ValueError(
                 f"Strategy {self.name!r} already balances {self.num_groups} parameter "
                 f"groups; this model has {count}. Give this model a new strategy.")
-        config = {k: v for k, v in self.get_config().items() if k not in ("name", "groups")}
         with compat.unlocked_tracking(self), tf.init_scope():
             copies = []
             for index in range(1, count):
-                copy = type(self)(name=f"{self.name}_group_{index}", **config)
+                copy = type(self)(name=f"{self.name}_group_{index}",
+                                  **self.group_member_config(index))
                 copy.bind(self.task_names)
                 copies.append(copy)
             self.group_copies = copies
         self._configured_groups = count
+
+    def group_member_config(self, index: int) -> dict:
+        """The config of group `index`'s copy: these hyper-parameters (a strategy whose
+        state is sized by its group overrides it)."""
+        return {k: v for k, v in self.get_config().items() if k not in ("name", "groups")}
 
     def build_state(self, num_tasks: int) -> None:
         """Create the strategy's variables. Override in stateful strategies."""

@@ -12,7 +12,9 @@ count P, so these strategies create that state in `build_parameter_state(P)`:
   Jacobian's static width: `aggregate` calls it when the state is missing, and the
   variables are created eagerly (`tf.init_scope`) even inside a traced function;
 * P is then part of the strategy's config (`num_parameters`), so a saved model rebuilds
-  the state in `bind` (at `compile_from_config`) before its weights are loaded.
+  the state in `bind` (at `compile_from_config`) before its weights are loaded. With
+  grouped balancing (`compile(grouping=...)`) each group's copy holds K x P_g state for its
+  own P_g shared parameters, and `num_parameters` lists the groups' sizes.
 Calling `build_parameter_state(P)` yourself before training does the same, explicitly.
 """
 
@@ -32,23 +34,34 @@ class ParameterStateAggregator(JacobianAggregator):
 
     def __init__(self, num_parameters=None, **kwargs):
         super().__init__(**kwargs)
-        if num_parameters is not None and (isinstance(num_parameters, bool) or not
-                                           isinstance(num_parameters, int)
-                                           or num_parameters < 1):
-            raise TypeError(
-                f"`num_parameters` must be a positive int or None; got {num_parameters!r}.")
+        sizes = num_parameters if isinstance(num_parameters, (list, tuple)) else \
+            [num_parameters]
+        if not sizes or any(n is not None and (isinstance(n, bool) or not isinstance(n, int)
+                                               or n < 1) for n in sizes):
+            raise TypeError("`num_parameters` must be a positive int, a list of them (one "
+                            f"per parameter group) or None; got {num_parameters!r}.")
+        if len(sizes) > 1 and len(sizes) != (self._configured_groups or 1):
+            raise ValueError(f"`num_parameters` lists {len(sizes)} group sizes for "
+                             f"groups={self._configured_groups}.")
         # Known from a saved config: the state is created with the others in `bind`, so
-        # saved weights load into it.
-        self._configured_parameters = num_parameters
+        # saved weights load into it. Grouped, one size per group (`group_member_config`).
+        self._configured_sizes = sizes
         self.num_parameters = None
 
     def bind(self, task_names):
         super().bind(task_names)
-        if self._configured_parameters is not None and self.num_parameters is None:
-            self.build_parameter_state(self._configured_parameters)
+        if self._configured_sizes[0] is not None and self.num_parameters is None:
+            self.build_parameter_state(self._configured_sizes[0])
 
     def get_config(self):
-        return {**super().get_config(), "num_parameters": self.num_parameters}
+        sizes = [member.num_parameters for member in self.group_strategies()]
+        return {**super().get_config(),
+                "num_parameters": sizes if len(sizes) > 1 and None not in sizes else sizes[0]}
+
+    def group_member_config(self, index):
+        sizes = self._configured_sizes
+        return {**super().group_member_config(index),
+                "num_parameters": sizes[index] if len(sizes) > index else None}
 
     def build_parameter_state(self, num_parameters: int) -> None:
         """Create the K x P state once; calling again with the same P is a no-op."""

@@ -76,6 +76,28 @@ class NonFiniteGuard:
         """Whether steps are checked at all (never when there is nothing to do)."""
         return self.mode is not None or self.loss_scaling
 
+    def run(self, changes, update, args, raw_losses, grads, optimizer, variables):
+        """Commit the strategy's staged `changes` and call `update(*args, healthy)` (the
+        optimizer step) only where the step is finite and has rows; `healthy` says whether
+        a post-step strategy update is kept (not after an overflow under loss scaling).
+        `args` are passed, not captured, so that under tf.distribute each replica runs with
+        its own. Returns the "skipped" flag the logs need (None when steps are unchecked)."""
+        if not self.active:
+            changes.commit()
+            update(*args, True)
+            return None
+        step = optimizer.iterations + 0
+        apply, healthy, bad, losses_ok = self.decide(raw_losses, grads, batch_size(args[1]))
+        changes.commit(healthy)  # not after an overflow under loss scaling either
+        if apply is True:
+            update(*args, healthy)
+        else:
+            if not optimizer.built:
+                optimizer.build(variables)
+            replicas.run_if(tf.convert_to_tensor(apply), update, (*args, healthy))
+        self.finish(bad, losses_ok, step)
+        return bad if self.mode is not None else None
+
     def decide(self, raw_losses, grads, batch_size=1):
         """(apply the update?, keep the strategy state?, a true non-finite step?, which
         losses are finite). `apply` is Python True when the update needs no condition.

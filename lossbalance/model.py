@@ -14,7 +14,7 @@ import weakref
 import keras
 import tensorflow as tf
 
-from lossbalance import compat, replicas, strategies
+from lossbalance import compat, strategies
 from lossbalance.callbacks import StrategyEpochHook
 from lossbalance.guard import MODES as NONFINITE_MODES
 from lossbalance.guard import NonFiniteCallback, NonFiniteGuard, batch_size, has_rows
@@ -253,33 +253,12 @@ class BalancedModel(keras.Model):
             grads, weights, objective, logged_losses = level.gradients(tape, step,
                                                                        variables, z)
             del tape
-        skipped = self._guarded_update(changes, grads, raw_losses,
-                                       (grads, x, y, sample_weight, step.losses))
+        skipped = self._guard.run(changes, self._update,
+                                  (grads, x, y, sample_weight, step.losses), raw_losses,
+                                  grads, self.optimizer, self.trainable_variables)
         self._record(x, objective, logged_losses, weights, skipped)
         return self._for_replica_reduction(
             self.compute_metrics(x, y, y_pred, sample_weight=sample_weight))
-
-    def _guarded_update(self, changes, grads, raw_losses, update):
-        """The strategy's staged changes and the update, under `compile(nonfinite=...)`
-        only if the step is finite (and non-empty). Returns the "skipped" flag the logs need
-        (None when steps are not checked)."""
-        guard = self._guard
-        if not guard.active:
-            changes.commit()
-            self._update(*update, True)
-            return None
-        step = self.optimizer.iterations + 0
-        apply, healthy, bad, losses_ok = guard.decide(raw_losses, grads,
-                                                      batch_size(update[1]))
-        changes.commit(healthy)  # not after an overflow under loss scaling either
-        if apply is True:
-            self._update(*update, healthy)
-        else:
-            if not self.optimizer.built:
-                self.optimizer.build(self.trainable_variables)
-            replicas.run_if(tf.convert_to_tensor(apply), self._update, (*update, healthy))
-        guard.finish(bad, losses_ok, step)
-        return bad if guard.mode is not None else None
 
     def _for_replica_reduction(self, logs):
         """Keras averages each log over the replicas; under MultiWorkerMirroredStrategy it

@@ -33,8 +33,9 @@ from lossbalance.strategies import staging
 _LAYER_ARGUMENTS = frozenset({"dtype", "trainable", "autocast"})
 
 
-class Strategy(keras.layers.Layer):
-    """Base class of every balancing strategy. Subclass one of the three families."""
+class Strategy(staging.StagedState, keras.layers.Layer):
+    """Base class of every balancing strategy. Subclass one of the three families. Its
+    state changes go through `read`/`write`/`defer` (`staging.StagedState`)."""
 
     #: Canonical registry name, set by `@register`.
     registry_name: str | None = None
@@ -218,44 +219,6 @@ class Strategy(keras.layers.Layer):
         generator = compat.StagedSeedGenerator(self, seed, name=f"{self.name}_seed_{index}")
         compat.track_variable(self, generator.state)
         return generator
-
-    # -- state changes in a step: staged, committed with the update (`staging.py`) -------
-
-    @property
-    def _staged(self):
-        """The changes of the step being computed in this thread, or None."""
-        return staging.current(self)
-
-    def read(self, variable) -> tf.Tensor:
-        """A state variable's value: as staged so far in this step, else its own."""
-        staged = None if self._staged is None else self._staged.read(variable)
-        return tf.convert_to_tensor(variable) if staged is None else staged
-
-    def write(self, variable, value) -> None:
-        """Set a state variable: staged in a training step (committed with its update,
-        dropped when the step is skipped), at once otherwise."""
-        if self._staged is None:
-            variable.assign(tf.cast(value, variable.dtype))
-        else:
-            self._staged.write(variable, value)
-
-    def defer(self, fn, *tensors) -> None:
-        """Call `fn(*tensors)` with the step's commit (at once outside a step): for a
-        change that is not a plain write, such as an owned optimizer's `apply`."""
-        if self._staged is None:
-            fn(*tensors)
-        else:
-            self._staged.defer(fn, tensors)
-
-    def state_variables(self) -> list:
-        """Every variable the strategy's steps may change: its weights, RNG seed states,
-        and the slots of any optimizer it owns (GradNorm's)."""
-        variables = list(self.variables)
-        for value in vars(self).values():
-            if isinstance(value, keras.optimizers.Optimizer):
-                variables.extend(value.variables)
-        unique = {id(v): v for v in variables}
-        return list(unique.values())
 
     def transform_losses(self, losses: tf.Tensor) -> tf.Tensor:
         """(K,) task losses -> the (K,) losses the strategy balances (default: unchanged).

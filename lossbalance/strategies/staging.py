@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import threading
 
+import keras
 import tensorflow as tf
 
 from lossbalance import replicas
@@ -79,3 +80,44 @@ def staged(strategy):
         yield changes
     finally:
         _local.changes = previous
+
+
+class StagedState:
+    """The state API of `Strategy`: how a strategy reads and changes its variables, so
+    that a step's changes are staged."""
+
+    @property
+    def _staged(self):
+        """The changes of the step being computed in this thread, or None."""
+        return current(self)
+
+    def read(self, variable) -> tf.Tensor:
+        """A state variable's value: as staged so far in this step, else its own."""
+        staged = None if self._staged is None else self._staged.read(variable)
+        return tf.convert_to_tensor(variable) if staged is None else staged
+
+    def write(self, variable, value) -> None:
+        """Set a state variable: staged in a training step (committed with its update,
+        dropped when the step is skipped), at once otherwise."""
+        if self._staged is None:
+            variable.assign(tf.cast(value, variable.dtype))
+        else:
+            self._staged.write(variable, value)
+
+    def defer(self, fn, *tensors) -> None:
+        """Call `fn(*tensors)` with the step's commit (at once outside a step): for a
+        change that is not a plain write, such as an owned optimizer's `apply`."""
+        if self._staged is None:
+            fn(*tensors)
+        else:
+            self._staged.defer(fn, tensors)
+
+    def state_variables(self) -> list:
+        """Every variable the strategy's steps may change: its weights, RNG seed states,
+        and the slots of any optimizer it owns (GradNorm's)."""
+        variables = list(self.variables)
+        for value in vars(self).values():
+            if isinstance(value, keras.optimizers.Optimizer):
+                variables.extend(value.variables)
+        unique = {id(v): v for v in variables}
+        return list(unique.values())

@@ -1,11 +1,18 @@
 """Uncertainty weighting (Kendall et al.): the learned variances' optimum, the
-classification form, the first-batch start and the own optimizer: known answers."""
+classification form, the first-batch start and the own optimizer: known answers. UW-SO,
+its analytic optimum softened by a softmax: the weights against the float64 formula for
+float32 losses from 1e-8 to 1e8, the temperature's two limits, declared properties, the
+README's quick start model trained one epoch, errors and configs."""
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import TWO_HEAD_LOSS, fit_whole_batches, make_trunk_model, scaled_targets
+from loss_helpers import (bound, check_quick_start_trains_one_epoch,
+                          check_scale_dependence_is_declared, config_round_trip,
+                          loss_vectors)
+from loss_helpers import step as one_step  # (`step` names a training step below)
 
 import lossbalance
 from lossbalance import strategies
@@ -227,3 +234,90 @@ def test_uncertainty_skipped_first_step_starts_at_the_next_batch(two_head_data):
     first = losses_of(model, x[16:32], clean)
     fit_whole_batches(model, x[16:32], clean, batch_size=16)
     np.testing.assert_allclose(model.strategy.log_variance.numpy(), np.log(first), rtol=1e-5)
+
+
+# -- UW-SO ---------------------------------------------------------------------------------
+
+
+def uw_so_weights(losses, temperature=1.0):
+    exponents = 1.0 / (temperature * losses)
+    e = np.exp(exponents - exponents.max())
+    return e / e.sum()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.05, 20.0, 1e6, 1e-6])
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_uw_so_weights_equal_the_definition(temperature, k):
+    """Including exponents 1 / (T L_k) up to 1e14: the float64 softmax keeps the weights
+    equal to the formula where a float32 one would not."""
+    rng = np.random.default_rng(3)
+    strategy = bound("uw_so", tasks=[f"t{i}" for i in range(k)], temperature=temperature)
+    for losses in loss_vectors(rng, k, 16):
+        weights, objective = one_step(strategy, losses)
+        want = uw_so_weights(losses.astype(np.float64), temperature)
+        assert np.all(np.isfinite(weights))
+        np.testing.assert_allclose(weights, want, rtol=1e-6, atol=1e-30)
+        assert weights.sum() == pytest.approx(1.0, rel=1e-6)
+        assert objective == pytest.approx(float(want @ losses), rel=1e-6)
+
+
+def test_uw_so_needs_float64_for_nearly_equal_small_losses():
+    """Losses ~1e-8 apart by 1e-6 relative at T = 1e6: exponents ~100 whose differences
+    decide the weights; the result equals the float64 formula to float32's precision."""
+    losses = np.array([1e-8, 1.000001e-8, 1.000003e-8], np.float32)
+    weights, _ = one_step(bound("uw_so", T=1e6), losses)
+    want = uw_so_weights(losses.astype(np.float64), 1e6)
+    np.testing.assert_allclose(weights, want, rtol=1e-6)
+    assert weights[0] > weights[1] > weights[2]
+
+
+def test_uw_so_weights_sum_to_k_on_request_and_follow_the_authors_formula():
+    losses = np.array([0.3, 2.0, 40.0], np.float32)
+    one, _ = one_step(bound("uw_so", temperature=2.0), losses)
+    k, _ = one_step(bound("uw_so", temperature=2.0, weights_sum="num_tasks"), losses)
+    np.testing.assert_allclose(k, 3 * one, rtol=1e-7)
+    # the authors' code: softmax(1 / (L + 1e-8) / T); the same for losses far above 1e-8
+    authors = np.exp(1 / (losses.astype(np.float64) + 1e-8) / 2.0)
+    np.testing.assert_allclose(one, authors / authors.sum(), rtol=1e-6)
+    assert one[0] > one[1] > one[2]  # the smallest loss weighs most
+
+
+def test_uw_so_temperature_moves_from_one_hot_to_equal():
+    losses = np.array([0.5, 1.0, 4.0], np.float32)
+    hot, _ = one_step(bound("uw_so", temperature=1e-3), losses)
+    np.testing.assert_allclose(hot, [1.0, 0.0, 0.0], atol=1e-12)
+    flat, _ = one_step(bound("uw_so", temperature=1e6), losses)
+    np.testing.assert_allclose(flat, 1 / 3, rtol=1e-5)
+
+
+def test_uw_so_scale_dependence_is_declared():
+    check_scale_dependence_is_declared("uw_so", {})
+
+
+def test_uw_so_declares_neither_scale_invariance_nor_non_conflict():
+    assert not strategies.get("uw_so").scale_invariant
+    assert not strategies.get("uw_so").non_conflicting
+
+
+def test_uw_so_readme_quick_start_trains_one_epoch():
+    _, logs = check_quick_start_trains_one_epoch("uw_so")
+    assert logs["label_weight"][0] + logs["value_weight"][0] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"temperature": 0.0}, ValueError, "`temperature` must be > 0"),
+    ({"T": -2.0}, ValueError, "`temperature` must be > 0"),
+    ({"temperature": None}, TypeError, "must be a number"),
+    ({"weights_sum": "k"}, ValueError, "`weights_sum` must be one of"),
+    ({"epsilon": 0.0}, ValueError, "`epsilon` must be > 0"),
+])
+def test_uw_so_refuses_bad_hyper_parameters_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        strategies.get("uw_so", **kwargs)
+
+
+def test_uw_so_config_round_trips():
+    kwargs = {"T": 5.0, "weights_sum": "num_tasks", "epsilon": 1e-12}
+    config = config_round_trip("uw_so", kwargs)
+    for key, value in kwargs.items():
+        assert config["temperature" if key == "T" else key] == value

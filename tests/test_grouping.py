@@ -4,6 +4,7 @@ import definitions
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import lossbalance
 from lossbalance.diagnostics import inspect_batch
@@ -71,8 +72,6 @@ def test_mgda_per_group_weights_are_each_groups_min_norm_point():
 def _task_rows(model, x, y, transform=None):
     """{layer: [(K, size) task gradients of each of its variables]} in float64, of the
     task losses or of `transform(losses)`; with `transform`, also those (K,) losses."""
-    import tensorflow as tf
-
     out = {}
     variables = [v for v in model.trainable_variables if v.path.split("/")[0] in ("t1",
                                                                                   "t2")]
@@ -158,10 +157,41 @@ def test_state_sized_by_the_parameters_is_each_groups_own(name, tmp_path):
     loaded.fit(x, y, batch_size=8, epochs=1, verbose=0)
 
 
+def test_imtl_shares_its_learned_scales_and_balances_each_group_with_imtl_g(tmp_path):
+    x, y = batch()
+    model = two_layer_trunk()
+    model.compile(keras.optimizers.SGD(0.1), loss=LOSSES, strategy="imtl", grouping="layer")
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    strategy = model.strategy
+    assert not np.allclose(strategy.log_scale.numpy(), 0.0)  # trained
+    assert [type(s).__name__ for s in strategy.group_strategies()] == ["IMTL", "IMTLG"]
+    assert [v.path for v in strategy.trainable_variables] == [strategy.log_scale.path]
+    report = inspect_batch(model, x, y)
+    rows, _ = _task_rows(model, x, y, transform=strategy.transform_losses)
+    for layer, weights in report.group_weights.items():
+        expected = definitions.imtl_g(np.concatenate(rows[layer], axis=1))
+        np.testing.assert_allclose(weights, expected, rtol=1e-5, atol=1e-8)
+    path = tmp_path / "imtl.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(loaded.strategy.log_scale.numpy(), strategy.log_scale.numpy())
+    assert loaded.strategy.num_groups == 2
+
+
+class LearnedTemperature(lossbalance.strategies.GramianWeighting):
+    """A strategy with a learned variable and no rule for sharing it between groups."""
+
+    def build_state(self, num_tasks):
+        self.temperature = self.add_weight(shape=(), name="temperature", trainable=True)
+
+    def gramian_weights(self, gramian, losses):
+        return tf.ones_like(losses)
+
+
 @pytest.mark.parametrize("strategy, extra, message", [
     ("fixed", {}, "weights the task losses"),
     ("mgda", {"gradients": "representation"}, "use gradients='parameters'"),
-    ("imtl", {}, "learns variables"),
+    (LearnedTemperature(), {}, "learns variables"),
     ("mgda", {"grouping": "block"}, "must be None, one of"),
 ])
 def test_refused_where_it_does_not_apply(strategy, extra, message):

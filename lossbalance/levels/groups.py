@@ -21,6 +21,7 @@ import copy
 import tensorflow as tf
 
 from lossbalance.combination import weights_and_direction
+from lossbalance.strategies.base import Strategy
 
 GROUPINGS = ("layer", "variable")
 
@@ -55,8 +56,10 @@ def check_strategy(grouping, strategy, gradients, name) -> None:
     elif gradients != "parameters":
         reason = (f"groups are of shared parameters, and gradients={gradients!r} balances "
                   "elsewhere: use gradients='parameters'")
-    elif strategy.trainable_variables:
-        reason = "it learns variables (loss scales) shared by every group"
+    elif strategy.trainable_variables and \
+            type(strategy).group_member is Strategy.group_member:
+        reason = ("it learns variables (loss scales) that its copies for the other groups "
+                  "would duplicate")
     if reason is not None:
         raise ValueError(f"compile(grouping={grouping!r}) does not apply to strategy "
                          f"{name!r}: {reason}.")

@@ -182,12 +182,17 @@ class Strategy(staging.StagedState, keras.layers.Layer):
         with compat.unlocked_tracking(self), tf.init_scope():
             copies = []
             for index in range(1, count):
-                copy = type(self)(name=f"{self.name}_group_{index}",
-                                  **self.group_member_config(index))
+                copy = self.group_member(index)
                 copy.bind(self.task_names)
                 copies.append(copy)
             self.group_copies = copies
         self._configured_groups = count
+
+    def group_member(self, index: int) -> Strategy:
+        """The strategy of group `index` >= 1: by default a copy with these
+        hyper-parameters (`group_member_config`) and its own state."""
+        return type(self)(name=f"{self.name}_group_{index}",
+                          **self.group_member_config(index))
 
     def group_member_config(self, index: int) -> dict:
         """The config of group `index`'s copy: these hyper-parameters (a strategy whose

@@ -76,6 +76,7 @@ class IMTL(LearnedLossScales, IMTLG):
     Implementations differ: the paper (and LibMTL) learn s on L'_k = e^s_k L_k - s_k as here;
     some ports clamp s or learn it with a separate optimizer. The logged `<task>_weight` is
     the IMTL-G weight on the scaled gradients (multiply by e^s_k for the raw loss).
+    Grouped (`compile(grouping=...)`), the scales are shared and each group gets IMTL-G.
 
     Args:
         initial_log_scale: starting s_k (default 0, i.e. scale 1).
@@ -86,4 +87,9 @@ class IMTL(LearnedLossScales, IMTLG):
     def transform_losses(self, losses):
         s = tf.cast(self.log_scale, losses.dtype)
         return tf.exp(s) * losses - s
+
+    def group_member(self, index):
+        """Grouped (`compile(grouping=...)`): one set of learned scales for the whole model
+        (this strategy's), and IMTL-G on each group's gradients of the scaled losses."""
+        return IMTLG(name=f"{self.name}_group_{index}")
 

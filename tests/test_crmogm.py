@@ -1,8 +1,9 @@
 """CR-MOGM: a moving average of any Gramian weighting's weights. Against MGDA's float64
 definition (`tests/definitions.py`) on each step, for every averaging weight; wrapping a
 base strategy given by name, config or instance, and passing its needs (losses, levels,
-floors) through; hyper-parameter checks, configs, the README's quick start model trained
-one epoch at each gradient level, and the average's state saved with the model."""
+floors, item norms) through; hyper-parameter checks, configs, the README's quick start
+model trained one epoch at each gradient level, and the average's state saved with the
+model."""
 
 import definitions
 import keras
@@ -67,6 +68,12 @@ def test_crmogm_passes_the_base_strategys_needs_through():
                                imtl.base.transform_losses(losses).numpy())
     strategy = strategies.get("crmogm")
     assert not strategy.non_conflicting and not strategy.scale_invariant
+    balancer = strategies.get("crmogm", base={"name": "output_balancer",
+                                              "per_batch_item": True})
+    assert balancer.uses_item_norms and not strategy.uses_item_norms
+    balancer.bind(["a", "b"])
+    balancer.update_with_item_norms(tf.constant([2.0, 5.0], tf.float64))
+    np.testing.assert_allclose(balancer.base.norm_sums.numpy(), [2.0, 5.0])
 
 
 @pytest.mark.parametrize("factory, error, match", [

@@ -49,6 +49,8 @@ MIRRORED_RUNS = [
     {"strategy": "nash_mtl", "gradients": "representation"},
     {"strategy": "graddrop", "gradients": "representation"},
     {"strategy": "output_balancer", "gradients": "representation"},  # norms of global z
+    {"strategy": {"name": "output_balancer", "per_batch_item": True},  # of every row of z
+     "gradients": "representation"},
     # a NaN target on one replica only (its local loss alone is NaN): all replicas skip
     {"strategy": "uncertainty", "nonfinite": "skip", "poison": True},
 ]

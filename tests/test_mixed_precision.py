@@ -32,6 +32,9 @@ def _trained(policy, name, data, *, scale=2.0**8, gradients="parameters", epochs
     ("nash_mtl", "parameters"),  # weights scale as 1 / ||g||: scaled gradients show
     ("nash_mtl", "representation"),
     ("gradnorm", "parameters"),  # targets from gradient norms
+    # norms of every row of z: scaled gradients would scale the weights by 1 / 256
+    pytest.param({"name": "output_balancer", "per_batch_item": True}, "representation",
+                 id="output_balancer_per_item-representation"),
 ])
 def test_mixed_precision_trains_like_float32(policy, two_head_data, strategy, gradients):
     """The logged task weights and losses after an epoch match float32 to float16

@@ -4,7 +4,8 @@ scaled to its share of a total norm, against its formula in numpy."""
 import keras
 import numpy as np
 import pytest
-from conftest import TWO_HEAD_LOSS, make_trunk_model
+import tensorflow as tf
+from conftest import TWO_HEAD_LOSS, make_trunk_model, scaled_targets
 
 import lossbalance
 from lossbalance import strategies
@@ -54,11 +55,52 @@ def test_a_task_without_gradient_gets_weight_zero_even_without_epsilon():
     np.testing.assert_allclose(weights.numpy(), [0.0, 0.5 / 3.0], rtol=1e-6)
 
 
+def _representation_gradients(model, x, y):
+    """(K, rows, width): each task's gradient of its batch loss at the trunk's output z."""
+    z = model.get_layer("trunk")(x)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(z)
+        losses = [TWO_HEAD_LOSS["cls"](y["cls"], model.get_layer("cls")(z)),
+                  keras.losses.MeanSquaredError()(y["reg"], model.get_layer("reg")(z))]
+    return np.stack([tape.gradient(loss, z).numpy() for loss in losses]).astype(np.float64)
+
+
+@pytest.mark.parametrize("per_batch_item", [False, True])
+def test_a_training_step_measures_the_norms_at_the_representation(two_head_data,
+                                                                   per_batch_item):
+    """Over three steps of the users' case (a regression loss ~1e4 times the classifier's),
+    the norms' averages and the logged weights follow the formula, with |g_k| the norm of
+    dL_k/dz over the batch, or per batch item and averaged (`per_batch_item`)."""
+    x, y = scaled_targets(two_head_data)
+    model = make_trunk_model()
+    model.compile(keras.optimizers.SGD(0.01), loss=TWO_HEAD_LOSS, gradients="representation",
+                  strategy={"name": "output_balancer", "ema_decay": 0.9,
+                            "per_batch_item": per_batch_item})
+    sums = count = 0.0
+    for _ in range(3):
+        g = _representation_gradients(model, x, y)
+        norms = (np.linalg.norm(g, axis=2).mean(axis=1) if per_batch_item
+                 else np.linalg.norm(g.reshape(2, -1), axis=1))
+        sums, count = 0.9 * sums + norms, 0.9 * count + 1.0
+        model.reset_metrics()
+        logs = model.train_on_batch(x, y, return_dict=True)
+        np.testing.assert_allclose(model.strategy.norm_sums.numpy(), sums, rtol=1e-5)
+        np.testing.assert_allclose([logs["cls_weight"], logs["reg_weight"]],
+                                   0.5 / (1e-12 + sums / count), rtol=1e-5)
+
+
+def test_per_batch_item_norms_need_a_training_step():
+    strategy = strategies.get("output_balancer", per_batch_item=True)
+    with pytest.raises(ValueError, match="use per_batch_item=False"):
+        lossbalance.aggregate(strategy, np.ones((2, 3), np.float32))
+
+
 @pytest.mark.parametrize("params, message", [
     ({"total_norm": 0.0}, "total_norm"),
     ({"ema_decay": 1.0}, "ema_decay"),
     ({"shares": [1.0, -1.0]}, "shares"),
     ({"shares": "equal"}, "shares"),
+    ({"per_batch_item": 1}, "per_batch_item"),
 ])
 def test_bad_hyper_parameters_fail_at_construction(params, message):
     with pytest.raises((ValueError, TypeError), match=message):

@@ -82,9 +82,7 @@ class GradientLevel(Level):
         """
         if not local_rows:
             gradients.sum_over_replicas()
-        optimizer = self.model.optimizer
-        scale = optimizer.scale_loss(tf.ones((), losses.dtype)) if _scales_loss(optimizer) \
-            else None
+        scale = self.loss_scale(losses.dtype)
         own_columns = None
 
         def gramian(view):
@@ -124,8 +122,11 @@ class GradientLevel(Level):
             update = {i: replicas.replica_share(g) for i, g in update.items()}
         return update, weights
 
-
-def _scales_loss(optimizer) -> bool:
-    """Whether the optimizer scales the loss (mixed precision)."""
-    return isinstance(optimizer, keras.optimizers.LossScaleOptimizer) or (
-        getattr(optimizer, "loss_scale_factor", None) is not None)
+    def loss_scale(self, dtype):
+        """The factor the optimizer scales the loss by (mixed precision), or None: the
+        per-task gradients are divided by it before the strategy sees them."""
+        optimizer = self.model.optimizer
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) or (
+                getattr(optimizer, "loss_scale_factor", None) is not None):
+            return optimizer.scale_loss(tf.ones((), dtype))
+        return None

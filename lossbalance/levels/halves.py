@@ -23,7 +23,6 @@ import tensorflow as tf
 from lossbalance import replicas
 from lossbalance.gradients import TaskGradients, task_gradients
 from lossbalance.levels.base import transformed_task_losses
-from lossbalance.levels.gradient import _scales_loss
 from lossbalance.levels.groups import restricted
 from lossbalance.levels.parameters import ParameterLevel
 
@@ -67,11 +66,10 @@ class HalfBatchLevel(ParameterLevel):
             gradients = self.task_gradients(tape, scaled_losses, variables, z)
             shared, weights = self.combine_shared(gradients, losses, gramian_of=cross)
             return gradients.gradients(shared, other), weights
-        cross = cross(first)
-        optimizer = self.model.optimizer
-        if _scales_loss(optimizer):
-            cross /= tf.cast(optimizer.scale_loss(tf.ones((), losses.dtype)), cross.dtype) ** 2
-        weights = tf.cast(self.strategy.gramian_weights(cross, losses), losses.dtype)
+        products, scale = cross(first), self.loss_scale(losses.dtype)
+        if scale is not None:
+            products /= tf.cast(scale, products.dtype) ** 2
+        weights = tf.cast(self.strategy.gramian_weights(products, losses), losses.dtype)
         # One backward pass each (the targets' gradients summed, weighted by
         # `output_gradients`): the whole batch's J^T w, and J^T 1, where each head gets its
         # own task's gradient. (A sum formed here, after the tape, would not be recorded.)

@@ -4,6 +4,9 @@ there, and one backward pass through the trunk (MGDA-UB; `compile(gradients=
 
 from __future__ import annotations
 
+import tensorflow as tf
+
+from lossbalance import replicas
 from lossbalance.gradients import TaskGradients, task_gradients
 from lossbalance.levels.base import add
 from lossbalance.levels.gradient import GradientLevel
@@ -29,6 +32,8 @@ class RepresentationLevel(GradientLevel):
         sources = [z] + [variables[i] for i in heads]
         gradients = TaskGradients(task_gradients(tape, step.scaled["tasks"], sources), sources)
         self.check(gradients)
+        if self.strategy.uses_item_norms:
+            self.strategy.update_with_item_norms(self.item_norms(gradients, step.losses.dtype))
         shared, weights = self.combine_shared(gradients, step.losses, local_rows=True)
         grads = [None] * len(variables)
         trunk_grads = tape.gradient(z, [variables[i].value for i in trunk],
@@ -40,6 +45,18 @@ class RepresentationLevel(GradientLevel):
         if other is not None:
             grads = [add(g, o) for g, o in zip(grads, other)]
         return grads, weights
+
+    def item_norms(self, gradients, dtype):
+        """(K,) float64: each task's gradient norm at z per batch item (row of z),
+        averaged over the global batch; unscaled under mixed precision."""
+        rows = tf.cast(gradients.stacked(0), tf.float64)  # (K, local rows, ...)
+        rows = tf.reshape(rows, [tf.shape(rows)[0], tf.shape(rows)[1], -1])
+        local = (tf.reduce_sum(tf.norm(rows, axis=2), axis=1),
+                 tf.cast(tf.shape(rows)[1], tf.float64))
+        sums, count = replicas.sum_over_replicas(local)
+        norms = tf.math.divide_no_nan(sums, count)
+        scale = self.loss_scale(dtype)
+        return norms if scale is None else norms / tf.cast(scale, tf.float64)
 
     def check(self, gradients) -> None:
         """Every task must depend on z, and nothing after z may be shared."""

@@ -75,6 +75,10 @@ class Strategy(staging.StagedState, keras.layers.Layer):
     #: layer every task depends on) (GradNorm).
     uses_layer_gradients: bool = False
     layer: str | None = None
+    #: When True (representation level), `BalancedModel` calls
+    #: `update_with_item_norms(norms)` before the weights, with each task's gradient norm
+    #: at z per batch item, averaged over the global batch (the output balancer).
+    uses_item_norms: bool = False
     #: When True, the strategy keeps state sized by the number of shared parameters P,
     #: created by `build_parameter_state(P)` before the first step (see
     #: `lossbalance.strategies.parameter_state`); `num_parameters` is P once known.
@@ -248,6 +252,11 @@ class Strategy(staging.StagedState, keras.layers.Layer):
         task losses, global values."""
         raise NotImplementedError(f"{type(self).__name__} sets uses_layer_gradients "
                                   "and must implement update_with_gradient_norms.")
+
+    def update_with_item_norms(self, norms: tf.Tensor) -> None:
+        """With `uses_item_norms`: the (K,) mean per-item gradient norms at z."""
+        raise NotImplementedError(f"{type(self).__name__} sets uses_item_norms "
+                                  "and must implement update_with_item_norms.")
 
     def build_parameter_state(self, num_parameters: int) -> None:
         """With `needs_parameter_state`: create the state sized by P shared parameters."""

@@ -97,7 +97,14 @@ class CRMOGM(GramianWeighting):
 
     @property
     def uses_independent_halves(self):
-        return getattr(self.base, "uses_independent_halves", False)
+        return self.base.uses_independent_halves
+
+    @property
+    def uses_item_norms(self):
+        return self.base.uses_item_norms
+
+    def update_with_item_norms(self, norms):
+        self.base.update_with_item_norms(norms)
 
     def loss_floors(self):
         return self.base.loss_floors()

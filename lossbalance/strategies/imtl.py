@@ -92,4 +92,3 @@ class IMTL(LearnedLossScales, IMTLG):
         """Grouped (`compile(grouping=...)`): one set of learned scales for the whole model
         (this strategy's), and IMTL-G on each group's gradients of the scaled losses."""
         return IMTLG(name=f"{self.name}_group_{index}")
-

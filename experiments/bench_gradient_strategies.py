@@ -1,7 +1,8 @@
 """Cost of gradient-level balancing against plain Keras, and of the Gramian solvers.
 
     python experiments/bench_gradient_strategies.py [--trunks mlp conv] [--tasks 2 8 32]
-        [--strategy mgda] [--xla off on] [--vectorize] [--float32] [--memory] [--quick]
+        [--strategy mgda] [--xla off on] [--vectorize] [--float32] [--grouping layer]
+        [--memory] [--quick]
 
 Part 1 trains the same multi-head network with plain Keras (`keras.Model`, the per-head
 losses summed, one backward pass) and with `BalancedModel` under one gradient strategy at
@@ -11,7 +12,9 @@ representation, one backward pass through the trunk), with XLA off and on, on th
 and batches. Steps are timed interleaved (see `experiments/timing.py`); the table gives each
 configuration's median step time as a ratio to plain Keras with the same XLA setting.
 `--vectorize` adds the parameter level with `compile(vectorize=True)` (the trunk's K
-per-task backward passes as one vectorised pass) as a further configuration.
+per-task backward passes as one vectorised pass) as a further configuration, and
+`--grouping layer` (or `variable`) the parameter level balancing each group of shared
+parameters separately (`compile(grouping=...)`: a Gramian and a solve per group).
 `--memory` adds each configuration's peak memory during its steps, measured in a fresh
 process per configuration (the rise of the resident-set high-water mark above the resident
 size before the timed steps, with glibc's malloc returning large blocks to the system).
@@ -111,15 +114,17 @@ def make_dataset(trunk, num_tasks, seed=0):
 
 
 def configs(args):
-    """The configurations timed: plain Keras, both levels, and maybe the vectorised one and
-    the parameter level with `precision="float32"`."""
+    """The configurations timed: plain Keras, both levels, and maybe the vectorised one, the
+    parameter level with `precision="float32"` and the grouped parameter level."""
     return ("keras", *LEVELS, *(("vectorized",) if args.vectorize else ()),
-            *(("float32",) if args.float32 else ()))
+            *(("float32",) if args.float32 else ()),
+            *((f"grouped:{args.grouping}",) if args.grouping else ()))
 
 
 def make_model(config, trunk, num_tasks, strategy, xla):
     """`config`: "keras", a gradient level, "vectorized" (the parameter level with
-    `vectorize=True`) or "float32" (the parameter level with `precision="float32"`)."""
+    `vectorize=True`), "float32" (the parameter level with `precision="float32"`) or
+    "grouped:<grouping>" (the parameter level with `grouping=<grouping>`)."""
     optimizer = keras.optimizers.Adam(1e-3)
     if config == "keras":
         model = build(keras.Model, trunk, num_tasks)
@@ -130,7 +135,9 @@ def make_model(config, trunk, num_tasks, strategy, xla):
         model.compile(optimizer=optimizer, loss=losses_for(num_tasks), strategy=strategy,
                       gradients=config if config in LEVELS else "parameters",
                       vectorize=vectorize, jit_compile=xla,
-                      precision="float32" if config == "float32" else "float64")
+                      precision="float32" if config == "float32" else "float64",
+                      grouping=config.split(":")[1] if config.startswith("grouped:")
+                      else None)
     return model
 
 
@@ -234,6 +241,8 @@ def main(argv=None):
     parser.add_argument("--float32", action="store_true",
                         help="also time the parameter level with compile(precision="
                              "'float32'): the Gramian and J^T w accumulated in float32")
+    parser.add_argument("--grouping", choices=["layer", "variable"],
+                        help="also time the parameter level with compile(grouping=...)")
     parser.add_argument("--memory", action="store_true",
                         help="also measure peak memory (one fresh process per configuration)")
     parser.add_argument("--solvers", nargs="*", default=SOLVERS,
@@ -267,7 +276,8 @@ def main(argv=None):
           f"{args.steps} steps; [quartiles] of per-round ratios; targets judged on the "
           "ratio's 95% interval)\n")
     names = {"keras": "keras", "vectorized": "vectorised parameters",
-             "float32": "parameters (float32)", **{l: l for l in LEVELS}}
+             "float32": "parameters (float32)", **{l: l for l in LEVELS},
+             f"grouped:{args.grouping}": f"parameters (grouping={args.grouping})"}
     timed = configs(args)[1:]
     memory_header = "".join(f" {names[c]} MiB |" for c in configs(args)) if args.memory else ""
     print("| trunk | K | XLA | keras ms |" + "".join(f" {names[c]} / keras |" for c in timed)

@@ -422,13 +422,14 @@ def test_toy_benchmark_runs_every_strategy(quick_runs):
 def test_gradient_benchmark_prints_its_tables(capsys):
     from experiments import bench_gradient_strategies as bench
 
-    bench.main(["--quick", "--solvers", "mgda", "imtl_g"])
+    bench.main(["--quick", "--grouping", "layer", "--solvers", "mgda", "imtl_g"])
     out = capsys.readouterr().out
+    assert "parameters (grouping=layer) / keras" in out
     rows = [line.split("|") for line in out.splitlines() if line.startswith("| mlp | 2 |")]
     assert len(rows) == 1
-    keras_ms, parameters, representation = rows[0][4], rows[0][5], rows[0][6]
+    keras_ms, parameters, representation, grouped = rows[0][4:8]
     assert float(keras_ms) > 0
-    assert all(float(cell.split()[0]) > 0 for cell in (parameters, representation))
+    assert all(float(cell.split()[0]) > 0 for cell in (parameters, representation, grouped))
     solver_rows = {line.split("|")[1].strip(" `") for line in out.splitlines()
                    if line.startswith("| `")}
     assert solver_rows == {"mgda", "imtl_g"}

@@ -198,3 +198,16 @@ def test_refused_where_it_does_not_apply(strategy, extra, message):
     args = {"grouping": "layer", **extra}
     with pytest.raises(ValueError, match=message):
         two_layer_trunk().compile("sgd", loss=LOSSES, strategy=strategy, **args)
+
+
+@pytest.mark.parametrize("name, params, error", [
+    ("mgda", {"groups": 0}, ValueError),
+    ("mgda", {"groups": "layer"}, TypeError),
+    ("moco", {"num_parameters": 0}, ValueError),
+    ("moco", {"num_parameters": [10, 20]}, ValueError),  # two sizes, no groups
+    ("moco", {"num_parameters": [10, 20], "groups": 3}, ValueError),
+    ("moco", {"num_parameters": [10, "20"], "groups": 2}, TypeError),
+])
+def test_group_counts_and_sizes_are_checked_at_construction(name, params, error):
+    with pytest.raises(error, match="groups|num_parameters"):
+        lossbalance.strategies.get(name, **params)

@@ -27,6 +27,7 @@ import tensorflow as tf
 
 from lossbalance import compat
 from lossbalance.strategies import staging
+from lossbalance.strategies.arguments import check_number
 
 
 # Keyword arguments a strategy passes on to `keras.layers.Layer` (from saved configs).
@@ -114,11 +115,9 @@ class Strategy(staging.StagedState, keras.layers.Layer):
             )
         super().__init__(name=name or self.registry_name or None, **kwargs)
         self._task_names: tuple[str, ...] | None = None
-        if groups is not None and (isinstance(groups, bool) or not isinstance(groups, int)
-                                   or groups < 1):
-            raise TypeError(f"`groups` must be a positive int or None; got {groups!r}.")
         # Known from a saved config: the copies are made in `bind`, so saved weights load.
-        self._configured_groups = groups
+        self._configured_groups = None if groups is None else check_number(
+            "groups", groups, minimum=1, integer=True)
         self.group_copies = []
 
     # -- binding to a model's tasks ------------------------------------------------------
@@ -176,19 +175,16 @@ class Strategy(staging.StagedState, keras.layers.Layer):
         """Make the copies for `count` groups once (eagerly, also inside a traced step);
         the count is then part of the config, so a saved model makes them again."""
         count = int(count)
-        if self.num_groups is not None and self.num_groups == count and \
-                len(self.group_copies) == count - 1:
+        if self.num_groups == count and len(self.group_copies) == count - 1:
             return
         if self.group_copies:
             raise ValueError(
                 f"Strategy {self.name!r} already balances {self.num_groups} parameter "
                 f"groups; this model has {count}. Give this model a new strategy.")
         with compat.unlocked_tracking(self), tf.init_scope():
-            copies = []
-            for index in range(1, count):
-                copy = self.group_member(index)
+            copies = [self.group_member(index) for index in range(1, count)]
+            for copy in copies:
                 copy.bind(self.task_names)
-                copies.append(copy)
             self.group_copies = copies
         self._configured_groups = count
 

@@ -21,6 +21,7 @@ Calling `build_parameter_state(P)` yourself before training does the same, expli
 import tensorflow as tf
 
 from lossbalance import compat
+from lossbalance.strategies.arguments import check_number
 from lossbalance.strategies.base import JacobianAggregator
 
 
@@ -34,13 +35,11 @@ class ParameterStateAggregator(JacobianAggregator):
 
     def __init__(self, num_parameters=None, **kwargs):
         super().__init__(**kwargs)
-        sizes = num_parameters if isinstance(num_parameters, (list, tuple)) else \
-            [num_parameters]
-        if not sizes or any(n is not None and (isinstance(n, bool) or not isinstance(n, int)
-                                               or n < 1) for n in sizes):
-            raise TypeError("`num_parameters` must be a positive int, a list of them (one "
-                            f"per parameter group) or None; got {num_parameters!r}.")
-        if len(sizes) > 1 and len(sizes) != (self._configured_groups or 1):
+        grouped = isinstance(num_parameters, (list, tuple))
+        sizes = [None if n is None else check_number("num_parameters", n, minimum=1,
+                                                      integer=True)
+                 for n in (num_parameters if grouped else [num_parameters])]
+        if grouped and len(sizes) != (self._configured_groups or 1):
             raise ValueError(f"`num_parameters` lists {len(sizes)} group sizes for "
                              f"groups={self._configured_groups}.")
         # Known from a saved config: the state is created with the others in `bind`, so

@@ -51,7 +51,8 @@ def main(argv=None) -> int:
                               "toy_shifted, or one you registered (see --import)")
     compare.add_argument("--strategies", default=DEFAULT_STRATEGIES,
                          help="comma-separated, or 'all' for every registered strategy; "
-                              "hyper-parameters as name:key=value;key=value (default: "
+                              "hyper-parameters as name:key=value;key=value, and "
+                              "grouping=layer|variable for compile(grouping=...) (default: "
                               f"{DEFAULT_STRATEGIES})")
     compare.add_argument("--seeds", type=int, default=None,
                          help="number of seeds (default: the benchmark's, 3; toy 1)")

@@ -18,6 +18,10 @@ runs at a level other than "parameters" are labelled `<spec>@<level>` (e.g.
 Loss-level strategies and the baselines compute no per-task gradients: the level does not
 apply to them, and their runs (unlabelled) are shared by every level.
 
+A spec's `grouping=layer` (or `variable`) is a compile option, not a hyper-parameter:
+`mgda:grouping=layer` runs MGDA with `compile(grouping="layer")`, labelled by its spec, so
+one table compares a strategy grouped and not.
+
 Every run is saved as `runs/<label>-seed<seed>.json` in the output folder; runs found there
 are not rerun.
 """
@@ -39,17 +43,33 @@ from lossbalance.model import GRADIENT_LEVELS
 
 SINGLE = "single:"  # label prefix of single-task baselines
 LS = "ls:ratio="  # label prefix of linear-scalarisation sweep points
+#: Spec keys that are `BalancedModel.compile` arguments rather than hyper-parameters.
+COMPILE_OPTIONS = ("grouping",)
 
 
 def parse_strategy(spec: str):
     """`"cagrad:c=0.5;rescale=False"`-style specs -> (label, strategy identifier).
 
     Hyper-parameters are separated by `;` because strategies are separated by `,`
-    (`--strategies fixed,cagrad:c=0.5;rescale=False`)."""
+    (`--strategies fixed,cagrad:c=0.5;rescale=False`). Compile options (`COMPILE_OPTIONS`)
+    are left out of the identifier: see `compile_options`."""
+    config = _spec_items(spec)
+    strategy = {k: v for k, v in config.items() if k not in COMPILE_OPTIONS}
+    return spec, strategy["name"] if len(strategy) == 1 else strategy
+
+
+def compile_options(spec: str) -> dict:
+    """The `BalancedModel.compile` arguments a method spec gives (`grouping=layer`)."""
+    if run_kind(spec) != "method":
+        return {}
+    return {k: v for k, v in _spec_items(spec).items() if k in COMPILE_OPTIONS}
+
+
+def _spec_items(spec: str) -> dict:
     name, _, params = spec.partition(":")
-    if not params:
-        return name, name
     config = {"name": name}
+    if not params:
+        return config
     for item in params.split(";"):
         key, _, raw = item.partition("=")
         if not _:
@@ -58,7 +78,7 @@ def parse_strategy(spec: str):
             config[key.strip()] = ast.literal_eval(raw.strip())
         except (ValueError, SyntaxError):
             config[key.strip()] = raw.strip()
-    return spec, config
+    return config
 
 
 def run_kind(label: str) -> str:
@@ -179,11 +199,11 @@ def _evaluate(model, split) -> dict:
     return {key: float(value) for key, value in logs.items()}
 
 
-def _compile(model, benchmark, strategy, loss, eager, gradients=None):
+def _compile(model, benchmark, strategy, loss, eager, gradients=None, **options):
     level = {} if gradients is None else {"gradients": gradients}
     model.compile(optimizer=keras.optimizers.Adam(benchmark.learning_rate), loss=loss,
                   metrics=benchmark.metrics or None, strategy=strategy, run_eagerly=eager,
-                  **level)
+                  **level, **options)
 
 
 def _check_custom_level(benchmark, gradients):
@@ -205,7 +225,11 @@ def run_one(benchmark_name: str, strategy_spec: str, seed: int, *, epochs=None,
     eager = quick if eager is None else eager
     benchmark = get_benchmark(benchmark_name, seed=0)  # the same split for every seed
     _check_custom_level(benchmark, gradients)
+    options = compile_options(strategy_spec)
     if getattr(benchmark, "custom", False):
+        if options:
+            raise ValueError(f"Benchmark {benchmark_name!r} trains its own model: compile "
+                             f"options {sorted(options)} in {strategy_spec!r} do not apply.")
         label, strategy = parse_strategy(strategy_spec)
         began = time.perf_counter()
         result = benchmark.run(strategy, seed, quick=quick, verbose=verbose, steps=steps,
@@ -236,7 +260,8 @@ def run_one(benchmark_name: str, strategy_spec: str, seed: int, *, epochs=None,
     with warnings.catch_warnings():
         # single-task runs: "a single task", "gradients do not exist" for the other heads
         warnings.simplefilter("ignore")
-        _compile(model, benchmark, strategy if kind != "ls" else "fixed", loss, eager, level)
+        _compile(model, benchmark, strategy if kind != "ls" else "fixed", loss, eager, level,
+                 **options)
         initial = {"validation": _evaluate(model, benchmark.validation),
                    "test": _evaluate(model, benchmark.test)}
         weights = None
@@ -282,6 +307,7 @@ def run_one(benchmark_name: str, strategy_spec: str, seed: int, *, epochs=None,
         "eager": eager,
         "gradients": level,                    # what compile was given (None: not applicable)
         "gradient_level": model.gradient_level,  # the level it used (None: loss level)
+        "grouping": options.get("grouping"),   # compile(grouping=...) (None: not grouped)
         "tasks": tasks,
         "weights": weights,
         "selection": selection,

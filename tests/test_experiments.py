@@ -81,6 +81,13 @@ def test_parse_strategy_specs():
         runner.parse_strategy("gradnorm:alpha")
     assert [runner.run_kind(s) for s in ("single:a", "ls:ratio=0.1", "cagrad:c=0.5")] == [
         "single", "ls", "method"]
+    # a compile option is not a hyper-parameter
+    assert runner.parse_strategy("mgda:grouping=layer") == ("mgda:grouping=layer", "mgda")
+    assert runner.parse_strategy("nash_mtl:grouping=variable;max_norm=1.0")[1] == {
+        "name": "nash_mtl", "max_norm": 1.0}
+    assert runner.compile_options("nash_mtl:grouping=variable;max_norm=1.0") == {
+        "grouping": "variable"}
+    assert runner.compile_options("ls:ratio=1") == runner.compile_options("mgda") == {}
 
 
 def test_mean_and_confidence_interval():
@@ -317,6 +324,24 @@ def test_gradient_level_labels_runs_and_resumes_per_level(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["compare", "--benchmark", "toy", "--gradients", "auto"])
     assert "parameter level" in capsys.readouterr().err
+
+
+def test_a_grouping_spec_compiles_grouped_and_is_its_own_row(tmp_path):
+    failures = []
+    specs = ["imtl_g", "imtl_g:grouping=layer", "fixed:grouping=layer"]
+    with pytest.warns(UserWarning, match="'fixed:grouping=layer' seed 0 failed"):
+        runs = runner.compare("clfreg", specs, 1, tmp_path, quick=True, baselines=False,
+                              progress=False, errors="continue", failures=failures)
+    by_label = {run["strategy"]: run for run in runs}
+    grouped, plain = by_label["imtl_g:grouping=layer"], by_label["imtl_g"]
+    assert (grouped["grouping"], plain["grouping"]) == ("layer", None)
+    # each layer's own weights: another trajectory
+    assert grouped["history"]["ink_weight"] != pytest.approx(plain["history"]["ink_weight"],
+                                                             rel=1e-3)
+    assert [f["strategy"] for f in failures] == ["fixed:grouping=layer"]
+    assert "does not apply to strategy 'fixed'" in failures[0]["error"]
+    with pytest.raises(ValueError, match="trains its own model"):
+        runner.run_one("toy", "mgda:grouping=layer", 0, quick=True)
 
 
 def test_unknown_benchmark_is_a_clear_error(capsys):

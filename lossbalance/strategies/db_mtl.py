@@ -55,13 +55,10 @@ class DBMTL(ParameterStateAggregator):
         return self.beta > 0
 
     def build_state(self, num_tasks):
-        self.step = self.add_weight(shape=(), name="step", initializer="zeros",
-                                    trainable=False, aggregation="only_first_replica")
+        self.step = self.add_state("step")
 
     def create_parameter_state(self, num_tasks, num_parameters):
-        self.moving_gradients = self.add_weight(
-            shape=(num_tasks, num_parameters), name="moving_gradients",
-            initializer="zeros", trainable=False, aggregation="only_first_replica")
+        self.moving_gradients = self.add_state("moving_gradients", (num_tasks, num_parameters))
 
     def transform_losses(self, losses):
         return tf.math.log(tf.maximum(losses, 0.0) + self.eps)

@@ -54,23 +54,17 @@ class DynamicWeightAverage(LossWeighting):
                                         strict=True)
 
     def build_state(self, num_tasks):
-        def state(name, shape):
-            return self.add_weight(shape=shape, name=name, initializer="zeros",
-                                   trainable=False, aggregation="only_first_replica")
-
         #: Sum of each task's loss over the steps of the current epoch.
-        self.epoch_loss_sum = state("epoch_loss_sum", (num_tasks,))
+        self.epoch_loss_sum = self.add_state("epoch_loss_sum", (num_tasks,))
         #: Number of steps recorded in the current epoch.
-        self.epoch_steps = state("epoch_steps", ())
+        self.epoch_steps = self.add_state("epoch_steps")
         #: Average losses of the previous two epochs: row 0 is epoch t-2, row 1 epoch t-1.
-        self.loss_history = state("loss_history", (2, num_tasks))
+        self.loss_history = self.add_state("loss_history", (2, num_tasks))
         #: Number of completed epochs recorded in the history (stops counting at 2).
-        self.epochs_recorded = state("epochs_recorded", ())
+        self.epochs_recorded = self.add_state("epochs_recorded")
         #: The weights of the current epoch: 1 until two epochs are recorded, then set
         #: from the history by `on_epoch_end` (they are constant within an epoch).
-        self.epoch_weights = self.add_weight(shape=(num_tasks,), name="epoch_weights",
-                                             initializer="ones", trainable=False,
-                                             aggregation="only_first_replica")
+        self.epoch_weights = self.add_state("epoch_weights", (num_tasks,), "ones")
 
     def loss_weights(self, losses):
         """The weights of this epoch; also records the step's losses (call once a step)."""

@@ -41,20 +41,12 @@ class ExcessMTL(ParameterStateAggregator):
                                              minimum=0.0)
 
     def build_state(self, num_tasks):
-        self.task_weights = self.add_weight(shape=(num_tasks,), name="task_weights",
-                                            initializer="ones", trainable=False,
-                                            aggregation="only_first_replica")
-        self.initial_risks = self.add_weight(shape=(num_tasks,), name="initial_risks",
-                                             initializer="zeros", trainable=False,
-                                             aggregation="only_first_replica")
-        self.has_initial = self.add_weight(shape=(), name="has_initial",
-                                           initializer="zeros", trainable=False,
-                                           aggregation="only_first_replica")
+        self.task_weights = self.add_state("task_weights", (num_tasks,), "ones")
+        self.initial_risks = self.add_state("initial_risks", (num_tasks,))
+        self.has_initial = self.add_state("has_initial")
 
     def create_parameter_state(self, num_tasks, num_parameters):
-        self.squared_sums = self.add_weight(
-            shape=(num_tasks, num_parameters), name="squared_sums", initializer="zeros",
-            trainable=False, aggregation="only_first_replica")
+        self.squared_sums = self.add_state("squared_sums", (num_tasks, num_parameters))
 
     def aggregate(self, jacobian, losses):
         self.check_parameter_state(jacobian)

@@ -112,15 +112,9 @@ class GradNorm(LossWeighting):
         self.optimizer_config = keras.optimizers.serialize(probe)
 
     def build_state(self, num_tasks):
-        self.task_weights = self.add_weight(
-            shape=(num_tasks,), name="task_weights", initializer="ones", trainable=False,
-            aggregation="only_first_replica")
-        self.initial_losses = self.add_weight(
-            shape=(num_tasks,), name="initial_losses", initializer="zeros",
-            trainable=False, aggregation="only_first_replica")
-        self.has_initial_losses = self.add_weight(
-            shape=(), name="has_initial_losses", initializer="zeros", trainable=False,
-            aggregation="only_first_replica")
+        self.task_weights = self.add_state("task_weights", (num_tasks,), "ones")
+        self.initial_losses = self.add_state("initial_losses", (num_tasks,))
+        self.has_initial_losses = self.add_state("has_initial_losses")
         self.weight_optimizer = keras.optimizers.deserialize(self.optimizer_config)
         self.weight_optimizer.learning_rate = self.learning_rate
         self.weight_optimizer.build([self.task_weights])  # built now so its slots load

@@ -47,9 +47,7 @@ class GradVac(GramianWeighting):
         self.seed = seed
 
     def build_state(self, num_tasks):
-        self.targets = self.add_weight(shape=(num_tasks, num_tasks), name="targets",
-                                       initializer="zeros", trainable=False,
-                                       aggregation="only_first_replica")
+        self.targets = self.add_state("targets", (num_tasks, num_tasks))
 
     def gramian_weights(self, gramian, losses):
         k = self.num_tasks

@@ -70,17 +70,13 @@ class MoCo(ParameterStateAggregator):
         return self.normalization == "loss"
 
     def build_state(self, num_tasks):
-        self.step = self.add_weight(shape=(), name="step", initializer="zeros",
-                                    trainable=False, aggregation="only_first_replica")
-        self.task_weights = self.add_weight(
-            shape=(num_tasks,), name="task_weights",
-            initializer=lambda shape, dtype=None: tf.fill(shape, 1.0 / num_tasks),
-            trainable=False, aggregation="only_first_replica")
+        self.step = self.add_state("step")
+        self.task_weights = self.add_state(
+            "task_weights", (num_tasks,),
+            initializer=lambda shape, dtype=None: tf.fill(shape, 1.0 / num_tasks))
 
     def create_parameter_state(self, num_tasks, num_parameters):
-        self.tracked = self.add_weight(shape=(num_tasks, num_parameters), name="tracked",
-                                       initializer="zeros", trainable=False,
-                                       aggregation="only_first_replica")
+        self.tracked = self.add_state("tracked", (num_tasks, num_parameters))
 
     def aggregate(self, jacobian, losses):
         self.check_parameter_state(jacobian)

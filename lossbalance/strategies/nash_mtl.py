@@ -55,12 +55,8 @@ class NashMTL(GramianWeighting):
         self.max_norm = check_number("max_norm", max_norm, minimum=0.0)
 
     def build_state(self, num_tasks):
-        self.step = self.add_weight(shape=(), name="step", dtype="int64",
-                                    initializer="zeros", trainable=False,
-                                    aggregation="only_first_replica")
-        self.cached_weights = self.add_weight(shape=(num_tasks,), name="cached_weights",
-                                              initializer="ones", trainable=False,
-                                              aggregation="only_first_replica")
+        self.step = self.add_state("step", dtype="int64")
+        self.cached_weights = self.add_state("cached_weights", (num_tasks,), "ones")
 
     def _solve(self, gramian):
         # G a = 1/a with G = D C D is C b = 1/b for b = D a: solved on the cosines, so

@@ -128,15 +128,11 @@ class _PreferenceScalarisation(LossWeighting):
             resolve_per_task("reference", self.reference, self.task_names, default=0.0,
                              validate=_check_reference_entry), tf.float64)
         if self.normalize:
-            def state(name, shape, initializer):
-                return self.add_weight(shape=shape, name=name, initializer=initializer,
-                                       trainable=False, aggregation="only_first_replica")
-
             #: n_k = L_k(0) - z_k, the first step's global losses above the reference
             #: (1 for a task whose first loss was not above it).
-            self.normalizer = state("normalizer", (num_tasks,), "ones")
+            self.normalizer = self.add_state("normalizer", (num_tasks,), "ones")
             #: 1 once the first step has recorded `normalizer` (saved with the model).
-            self.started = state("started", (), "zeros")
+            self.started = self.add_state("started")
 
     def _preference_vector(self, preference: np.ndarray) -> np.ndarray:
         raise NotImplementedError

@@ -82,22 +82,18 @@ class SmoothTchebycheff(LossWeighting):
         return self.warmup_epochs + (1 if self.normalize else 0)
 
     def build_state(self, num_tasks):
-        def state(name, shape, initializer="zeros"):
-            return self.add_weight(shape=shape, name=name, initializer=initializer,
-                                   trainable=False, aggregation="only_first_replica")
-
         #: Completed epochs.
-        self.epochs_done = state("epochs_done", ())
+        self.epochs_done = self.add_state("epochs_done")
         #: Sum of the losses and number of steps in the current epoch.
-        self.nadir_sum = state("nadir_sum", (num_tasks,))
-        self.nadir_steps = state("nadir_steps", ())
+        self.nadir_sum = self.add_state("nadir_sum", (num_tasks,))
+        self.nadir_steps = self.add_state("nadir_steps")
         #: n_k, the losses' normaliser (1 until recorded).
-        self.nadir = state("nadir", (num_tasks,), "ones")
+        self.nadir = self.add_state("nadir", (num_tasks,), "ones")
         #: How the step blends the two objectives, set from `epochs_done` (`_set_phase`):
         #: (1, 0) in warm-up, (0, K) once STCH is on. Kept as variables, the step reads
         #: them rather than deriving them with a few more small ops.
-        self.warmup_factor = state("warmup_factor", ())
-        self.stch_factor = state("stch_factor", ())
+        self.warmup_factor = self.add_state("warmup_factor")
+        self.stch_factor = self.add_state("stch_factor")
         self._set_phase(epochs_done=0)
 
     def _set_phase(self, epochs_done):

@@ -167,9 +167,7 @@ class UncertaintyWeighting(LossWeighting):
             initializer=keras.initializers.Constant(start), aggregation="mean")
         if self.starts_at_first_batch:
             #: 1 once the first batch has set s (saved, so a resumed run does not reset it).
-            self.started = self.add_weight(
-                shape=(), name="started", initializer="zeros", trainable=False,
-                aggregation="only_first_replica")
+            self.started = self.add_state("started")
         if self.learning_rate is not None:
             self.variance_optimizer = keras.optimizers.deserialize(self.optimizer_config)
             self.variance_optimizer.learning_rate = self.learning_rate

@@ -153,7 +153,7 @@ def inspect_batch(model, x, y, sample_weight=None, strategy=None) -> BatchInspec
             raise ValueError("The tasks share no trainable variable: nothing to inspect.")
         jacobian = tf.cast(gradients.jacobian(), tf.float64)
         gramian = gramian_of(jacobian)
-        group_key, group_weights = getattr(model._level, "group_key", None), None
+        group_key, group_weights = model._level.group_key, None
         if group_key is None:
             weights, direction = weights_and_direction(
                 strategy, losses, gramian=lambda: gramian,

@@ -76,18 +76,19 @@ class NonFiniteGuard:
         """Whether steps are checked at all (never when there is nothing to do)."""
         return self.mode is not None or self.loss_scaling
 
-    def run(self, changes, update, args, raw_losses, grads, optimizer, variables):
+    def run(self, changes, update, args, *, raw_losses, grads, rows, optimizer, variables):
         """Commit the strategy's staged `changes` and call `update(*args, healthy)` (the
-        optimizer step) only where the step is finite and has rows; `healthy` says whether
-        a post-step strategy update is kept (not after an overflow under loss scaling).
-        `args` are passed, not captured, so that under tf.distribute each replica runs with
-        its own. Returns the "skipped" flag the logs need (None when steps are unchecked)."""
+        optimizer step) only where the step, of `rows` rows, is finite and non-empty;
+        `healthy` says whether a post-step strategy update is kept (not after an overflow
+        under loss scaling). `args` are passed, not captured, so that under tf.distribute
+        each replica runs with its own. Returns the "skipped" flag the logs need (None when
+        steps are unchecked)."""
         if not self.active:
             changes.commit()
             update(*args, True)
             return None
         step = optimizer.iterations + 0
-        apply, healthy, bad, losses_ok = self.decide(raw_losses, grads, batch_size(args[1]))
+        apply, healthy, bad, losses_ok = self.decide(raw_losses, grads, rows)
         changes.commit(healthy)  # not after an overflow under loss scaling either
         if apply is True:
             update(*args, healthy)

@@ -253,9 +253,10 @@ class BalancedModel(keras.Model):
             grads, weights, objective, logged_losses = level.gradients(tape, step,
                                                                        variables, z)
             del tape
-        skipped = self._guard.run(changes, self._update,
-                                  (grads, x, y, sample_weight, step.losses), raw_losses,
-                                  grads, self.optimizer, self.trainable_variables)
+        skipped = self._guard.run(
+            changes, self._update, (grads, x, y, sample_weight, step.losses),
+            raw_losses=raw_losses, grads=grads, rows=batch_size(x), optimizer=self.optimizer,
+            variables=self.trainable_variables)
         self._record(x, objective, logged_losses, weights, skipped)
         return self._for_replica_reduction(
             self.compute_metrics(x, y, y_pred, sample_weight=sample_weight))

@@ -74,6 +74,9 @@ class Level:
 
     #: `BalancedModel.gradient_level`: "parameters", "representation" or None.
     name: str | None = None
+    #: `compile(grouping=...)`: the function mapping a shared variable to its group's key
+    #: (`lossbalance.levels.groups`), or None for one group (set by `make_level`).
+    group_key = None
     #: The dtype the Gramian and the combination J^T w are accumulated in.
     accumulate = tf.float64
 

@@ -21,9 +21,6 @@ class GradientLevel(Level):
         #: The weight solver compiled with XLA on its own, or None for the strategy's
         #: `gramian_weights` as it is (`GramianWeighting.compiled_solver`).
         self.solve = strategy.compiled_solver() if strategy.family == "gramian" else None
-        #: `compile(grouping=...)`: the function mapping a shared variable to its group's
-        #: key (`lossbalance.levels.groups`), or None for one group.
-        self.group_key = None
 
     def objectives(self, raw_losses, regularization, batch=None) -> Objectives:
         strategy, scale = self.strategy, self.model.optimizer.scale_loss

@@ -54,16 +54,10 @@ def box_qp(gramian, lower, max_iterations=500, active_set_iterations=8, ridge=0.
            & tf.reduce_all(tf.where(free, tf.abs(gw) <= tolerance, True)))
 
     def fallback():
-        w = _box_projected_gradient(g, u, max_iterations)
+        w = _projected_gradient(g, None, u, None, max_iterations, relative_stop=False)
         active = (w - u) <= 1e-9 * scale
         candidate = _box_active_set(g, u, active, active_set_iterations)
-        finite = tf.reduce_all(tf.math.is_finite(candidate), axis=-1)
-        candidate = tf.where(finite[:, None], candidate, w)
-        feasible = finite & tf.reduce_all(candidate >= u - 1e-12 * scale, axis=-1)
-        candidate = tf.maximum(candidate, u)
-        better = feasible & (objective(candidate)
-                             <= objective(w) + 1e-14 * tf.abs(objective(w)))
-        return tf.where(better[:, None], candidate, w)
+        return _better_of(candidate, w, u, None, 1e-12 * scale, objective)
 
     w = tf.cond(kkt, lambda: tf.maximum(first, u), fallback)
     w = tf.where(zero, u, w)
@@ -140,32 +134,6 @@ def _box_active_set(g, u, active, iterations):
     return state[2]
 
 
-def _box_projected_gradient(g, u, max_iterations):
-    """FISTA with adaptive restart for min_{w >= u} w^T G w / 2, every row of u at once."""
-    lipschitz = tf.reduce_max(tf.linalg.eigvalsh(g))
-    step = 1.0 / tf.where(lipschitz > TINY, lipschitz, tf.ones_like(lipschitz))
-
-    def cond(i, w, y, t, moved):
-        return (i < max_iterations) & (moved > 1e-15)
-
-    def body(i, w, y, t, moved):
-        w_new = tf.maximum(u, y - step * tf.matmul(y, g))
-        t_new = 0.5 * (1.0 + tf.sqrt(1.0 + 4.0 * t * t))
-        # Adaptive restart (O'Donoghue & Candes): drop momentum where it points uphill.
-        restart = tf.reduce_sum((y - w_new) * (w_new - w), axis=-1) > 0
-        momentum = tf.where(restart, tf.zeros_like(t), (t - 1.0) / t_new)
-        y_new = w_new + momentum[:, None] * (w_new - w)
-        t_new = tf.where(restart, tf.ones_like(t_new), t_new)
-        moved = tf.reduce_max(tf.abs(w_new - w))
-        return i + 1, w_new, y_new, t_new, moved
-
-    ones = tf.ones([tf.shape(u)[0]], _F64)
-    _, w, _, _, _ = tf.while_loop(
-        cond, body, (tf.constant(0), u, u, ones, tf.constant(1.0, _F64)),
-        maximum_iterations=max_iterations)
-    return w
-
-
 def nonnegative_qp(matrix, linear, upper=None, ridge=0.0, max_iterations=500,
                    active_set_iterations=20):
     """argmin_{0 <= x <= upper} (1/2) x^T (A + ridge I) x + b^T x, for one linear term
@@ -227,18 +195,11 @@ def nonnegative_qp(matrix, linear, upper=None, ridge=0.0, max_iterations=500,
     solved = tf.reduce_all(gap <= tolerance)
 
     def fallback():
-        w = _nonnegative_projected_gradient(a, b, h, max_iterations)
+        w = _projected_gradient(a, b, zero, h, max_iterations, relative_stop=True)
         scale = 1e-9 * (1.0 + tf.reduce_max(tf.abs(w), axis=-1, keepdims=True))
         polished = _nonnegative_active_set(
             a, b, h, c, w <= scale, (w >= h - scale) & (w > scale), active_set_iterations)
-        finite = tf.reduce_all(tf.math.is_finite(polished), axis=-1)
-        polished = tf.where(finite[:, None], polished, w)
-        feasible = finite & tf.reduce_all(
-            (polished >= -scale) & (polished <= h + scale), axis=-1)
-        polished = tf.clip_by_value(polished, 0.0, h)
-        better = feasible & (objective(polished)
-                             <= objective(w) + 1e-14 * tf.abs(objective(w)))
-        return tf.where(better[:, None], polished, w)
+        return _better_of(polished, w, zero, h, scale, objective)
 
     x = tf.cond(solved, lambda: tf.clip_by_value(x, 0.0, h), fallback)
     x = tf.where(tf.math.is_finite(x), x, tf.zeros_like(x))
@@ -279,28 +240,55 @@ def _nonnegative_active_set(a, b, h, c, lower, upper, iterations):
     return state[3]
 
 
-def _nonnegative_projected_gradient(a, b, h, max_iterations):
-    """FISTA with adaptive restart for min_{0 <= x <= h} x^T A x / 2 + b^T x, every row."""
+def _better_of(candidate, fallback, lower, upper, slack, objective):
+    """Per row, the active-set `candidate` (clipped to [lower, upper]) where it is finite,
+    within `slack` of the bounds and no worse than the projected-gradient `fallback`;
+    else `fallback`. `upper` None: no upper bound."""
+    finite = tf.reduce_all(tf.math.is_finite(candidate), axis=-1)
+    candidate = tf.where(finite[:, None], candidate, fallback)
+    inside = candidate >= lower - slack
+    if upper is not None:
+        inside &= candidate <= upper + slack
+    feasible = finite & tf.reduce_all(inside, axis=-1)
+    candidate = tf.maximum(candidate, lower) if upper is None else \
+        tf.clip_by_value(candidate, lower, upper)
+    better = feasible & (objective(candidate)
+                         <= objective(fallback) + 1e-14 * tf.abs(objective(fallback)))
+    return tf.where(better[:, None], candidate, fallback)
+
+
+def _projected_gradient(a, linear, lower, upper, max_iterations, relative_stop):
+    """FISTA with adaptive restart for min_{lower <= w <= upper} w^T A w / 2 + b^T w, every
+    row of `lower` at once, from w = lower (`linear` b None: 0; `upper` None: no upper
+    bound). Stops when no entry moves more than 1e-15 (times 1 + max |w| with
+    `relative_stop`), or after `max_iterations`."""
     lipschitz = tf.reduce_max(tf.linalg.eigvalsh(a))
     step = 1.0 / tf.where(lipschitz > TINY, lipschitz, tf.ones_like(lipschitz))
+
+    def project(w):
+        return tf.maximum(lower, w) if upper is None else tf.clip_by_value(w, lower, upper)
+
+    def gradient(w):
+        return tf.matmul(w, a) if linear is None else tf.matmul(w, a) + linear
 
     def cond(i, w, y, t, moved):
         return (i < max_iterations) & (moved > 0)
 
     def body(i, w, y, t, moved):
-        w_new = tf.clip_by_value(y - step * (tf.matmul(y, a) + b), 0.0, h)
+        w_new = project(y - step * gradient(y))
         t_new = 0.5 * (1.0 + tf.sqrt(1.0 + 4.0 * t * t))
+        # Adaptive restart (O'Donoghue & Candes): drop momentum where it points uphill.
         restart = tf.reduce_sum((y - w_new) * (w_new - w), axis=-1) > 0
         momentum = tf.where(restart, tf.zeros_like(t), (t - 1.0) / t_new)
         y_new = w_new + momentum[:, None] * (w_new - w)
         t_new = tf.where(restart, tf.ones_like(t_new), t_new)
-        moved = tf.reduce_max(tf.abs(w_new - w)) - 1e-15 * (
-            1.0 + tf.reduce_max(tf.abs(w_new)))
+        threshold = 1e-15 * (1.0 + tf.reduce_max(tf.abs(w_new))) if relative_stop \
+            else 1e-15
+        moved = tf.reduce_max(tf.abs(w_new - w)) - threshold
         return i + 1, w_new, y_new, t_new, moved
 
-    start = tf.zeros_like(b)
-    ones = tf.ones([tf.shape(b)[0]], _F64)
+    ones = tf.ones([tf.shape(lower)[0]], _F64)
     _, w, _, _, _ = tf.while_loop(
-        cond, body, (tf.constant(0), start, start, ones, tf.constant(1.0, _F64)),
+        cond, body, (tf.constant(0), lower, lower, ones, tf.constant(1.0, _F64)),
         maximum_iterations=max_iterations)
     return w

@@ -41,6 +41,22 @@ def strategy_spec(name, **params):
     return {"name": name, **params} if params else name
 
 
+def check_config_round_trip(name, params):
+    """A registered strategy's config rebuilds the same strategy: by name
+    (`strategies.get`), through `from_config`, and through Keras' serialisation (read back
+    by `strategies.get` and by Keras). Returns the config."""
+    strategy = lossbalance.strategies.get(name, **params)
+    config = strategy.get_config()
+    by_name = lossbalance.strategies.get(
+        {**{k: v for k, v in config.items() if k != "name"}, "name": name})
+    assert type(by_name) is type(strategy) and by_name.get_config() == config
+    assert type(strategy).from_config(config).get_config() == config
+    serialized = keras.saving.serialize_keras_object(strategy)
+    assert lossbalance.strategies.get(serialized).get_config() == config
+    assert keras.saving.deserialize_keras_object(serialized).get_config() == config
+    return config
+
+
 TWO_HEAD_LOSS = {
     "cls": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     "reg": "mse",

@@ -1,7 +1,7 @@
 """Checks shared by the tests of single gradient-level strategies: one call's weights and
-update, a config's round trip, and the README's quick start model trained one epoch."""
+update, and the README's quick start model trained one epoch (config round trips:
+`conftest.check_config_round_trip`)."""
 
-import keras
 import numpy as np
 import pytest
 from quick_start import quick_start_data, quick_start_losses, quick_start_model
@@ -18,17 +18,6 @@ def weights_and_direction(strategy, jacobian, losses=None):
 
 def relative_error(got, expected):
     return np.linalg.norm(got - expected) / max(np.linalg.norm(expected), 1e-300)
-
-
-def check_config_round_trip(name, params):
-    """The config rebuilds the same strategy by name, and so does Keras' serialisation."""
-    strategy = strategies.get(name, **params)
-    config = strategy.get_config()
-    clone = strategies.get({**{k: v for k, v in config.items() if k != "name"},
-                            "name": name})
-    assert type(clone) is type(strategy) and clone.get_config() == config
-    serialized = keras.saving.serialize_keras_object(strategy)
-    assert strategies.get(serialized).get_config() == config
 
 
 def check_quick_start_trains_one_epoch(name, params, extra_task, gradients):

@@ -1,7 +1,8 @@
 """Checks shared by the tests of the loss-level strategies: a strategy bound to tasks, one
 call's weights and objective, float32 loss vectors from 1e-8 to 1e8, the direction a
 step's weights give the task gradients, training (the README's quick start model, the
-two-head trunk model), save/load and config round trips."""
+two-head trunk model) and save/load (config round trips:
+`conftest.check_config_round_trip`)."""
 
 import keras
 import numpy as np
@@ -129,15 +130,3 @@ def check_save_load_keeps_the_state(name, strategy, data, path):
     x, y = data
     logs = loaded.fit(x, y, batch_size=16, epochs=1, verbose=0).history
     assert np.isfinite(logs["loss"][0])
-
-
-def config_round_trip(name, kwargs):
-    """The strategy's config rebuilds it through `from_config` and through Keras'
-    serialisation; returns the config."""
-    strategy = strategies.get(name, **kwargs)
-    config = strategy.get_config()
-    clone = type(strategy).from_config(config)
-    assert clone.get_config() == config
-    serialized = keras.saving.serialize_keras_object(strategy)
-    assert keras.saving.deserialize_keras_object(serialized).get_config() == config
-    return config

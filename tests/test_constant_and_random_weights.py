@@ -7,8 +7,8 @@ start model trained one epoch at each gradient level."""
 import numpy as np
 import pytest
 import tensorflow as tf
-from gradient_helpers import (check_config_round_trip, check_quick_start_trains_one_epoch,
-                              weights_and_direction)
+from conftest import check_config_round_trip
+from gradient_helpers import check_quick_start_trains_one_epoch, weights_and_direction
 from scipy import stats
 
 from lossbalance import strategies

@@ -13,8 +13,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import check_config_round_trip
 from loss_helpers import (bound, check_save_load_keeps_the_state,
-                          check_trains_a_two_head_model, config_round_trip, fit, objective)
+                          check_trains_a_two_head_model, fit, objective)
 
 from lossbalance import strategies
 
@@ -229,7 +230,7 @@ def test_famo_min_losses_must_name_known_tasks():
     ("imtl_l", {"initial_log_scale": -1.0}),
 ])
 def test_config_round_trip(name, kwargs):
-    config_round_trip(name, kwargs)
+    check_config_round_trip(name, kwargs)
 
 
 # -- save / load ---------------------------------------------------------------------------

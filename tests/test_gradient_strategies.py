@@ -8,7 +8,8 @@ import tensorflow as tf
 
 import lossbalance
 from lossbalance import strategies
-from conftest import TWO_HEAD_LOSS, make_trunk_model, strategy_spec
+from conftest import (REQUIRED_ARGUMENTS, TWO_HEAD_LOSS, check_config_round_trip,
+                      make_trunk_model, strategy_spec)
 
 #: Every registered gradient-level strategy (a new one is covered by registering it).
 GRADIENT_METHODS = [name for name in strategies.available()
@@ -77,11 +78,7 @@ def test_invalid_hyper_parameters_raise_at_construction(name, params):
 
 @pytest.mark.parametrize("name", GRADIENT_METHODS)
 def test_config_round_trip(name):
-    strategy = strategies.get(strategy_spec(name))
-    config = strategy.get_config()
-    clone = strategies.get({**{k: v for k, v in config.items() if k != "name"},
-                            "name": name})
-    assert clone.get_config() == config
+    check_config_round_trip(name, REQUIRED_ARGUMENTS.get(name, {}))
 
 
 # Properties over random Jacobians (finite on degenerate ones, non-conflict, permutation

@@ -14,7 +14,7 @@ from scipy import optimize
 
 import lossbalance
 from lossbalance import strategies
-from conftest import TWO_HEAD_LOSS, make_trunk_model
+from conftest import TWO_HEAD_LOSS, check_config_round_trip, make_trunk_model
 
 P = 12
 
@@ -288,16 +288,10 @@ def test_unknown_primary_fails_at_compile_with_the_tasks():
 
 
 def test_config_round_trips():
-    strategy = strategies.get("pcd", primary="reg", tau=0.2, beta=0.5,
-                              normalization="none", max_correction=3.0)
-    config = strategy.get_config()
-    assert {k: config[k] for k in ("primary", "tau", "beta", "normalization",
-                                   "max_correction")} == {
-        "primary": "reg", "tau": 0.2, "beta": 0.5, "normalization": "none",
-        "max_correction": 3.0}
-    clone = strategies.get({"name": "pcd", **{k: v for k, v in config.items()
-                                              if k != "name"}})
-    assert clone.get_config() == config
+    given = {"primary": "reg", "tau": 0.2, "beta": 0.5, "normalization": "none",
+             "max_correction": 3.0}
+    config = check_config_round_trip("pcd", given)
+    assert {k: config[k] for k in given} == given
 
 
 @pytest.mark.parametrize("gradients", ["parameters", "representation"])

@@ -11,9 +11,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import record_applied_gradients
-from gradient_helpers import (check_config_round_trip, check_quick_start_trains_one_epoch,
-                              relative_error, weights_and_direction)
+from conftest import check_config_round_trip, record_applied_gradients
+from gradient_helpers import (check_quick_start_trains_one_epoch, relative_error,
+                              weights_and_direction)
 from quick_start import quick_start_data, quick_start_losses, quick_start_model
 from test_scales import KINDS, RATIOS, scaled_jacobian
 

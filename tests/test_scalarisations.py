@@ -17,10 +17,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import check_config_round_trip
 from loss_helpers import (bound, check_quick_start_trains_one_epoch,
                           check_save_load_keeps_the_state,
                           check_scale_dependence_is_declared, check_trains_a_two_head_model,
-                          config_round_trip, direction, loss_vectors, objective, step)
+                          direction, loss_vectors, objective, step)
 from quick_start import quick_start_data, quick_start_losses, quick_start_model
 
 from lossbalance import strategies
@@ -476,7 +477,7 @@ def test_per_task_settings_are_checked_against_the_tasks_at_bind():
     ("stch", {"mu": 0.2, "warmup_epochs": 2, "normalize": False, "log_losses": False}),
 ])
 def test_config_round_trip(name, kwargs):
-    config = config_round_trip(name, kwargs)
+    config = check_config_round_trip(name, kwargs)
     if name in ("pbi", "cosmos"):  # and the settings given are kept under their names
         for key, value in kwargs.items():
             assert config[key] == value

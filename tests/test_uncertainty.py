@@ -8,10 +8,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import TWO_HEAD_LOSS, fit_whole_batches, make_trunk_model, scaled_targets
+from conftest import (TWO_HEAD_LOSS, check_config_round_trip, fit_whole_batches,
+                      make_trunk_model, scaled_targets)
 from loss_helpers import (bound, check_quick_start_trains_one_epoch,
-                          check_scale_dependence_is_declared, config_round_trip,
-                          loss_vectors)
+                          check_scale_dependence_is_declared, loss_vectors)
 from loss_helpers import step as one_step  # (`step` names a training step below)
 
 import lossbalance
@@ -187,12 +187,7 @@ def test_uncertainty_refuses_bad_hyper_parameters_at_construction(kwargs, error,
     {"learning_rate": 0.2, "optimizer": "sgd", "forms": ["classification", "regression"]},
 ])
 def test_uncertainty_config_round_trips(kwargs):
-    strategy = UncertaintyWeighting(**kwargs)
-    config = strategy.get_config()
-    assert UncertaintyWeighting.from_config(config).get_config() == config
-    again = strategies.get(keras.saving.deserialize_keras_object(
-        keras.saving.serialize_keras_object(strategy)))
-    assert again.get_config() == config
+    check_config_round_trip("uncertainty", kwargs)
 
 
 def test_uncertainty_own_optimizer_state_saves_and_resumes(tmp_path, two_head_data):
@@ -318,6 +313,6 @@ def test_uw_so_refuses_bad_hyper_parameters_at_construction(kwargs, error, match
 
 def test_uw_so_config_round_trips():
     kwargs = {"T": 5.0, "weights_sum": "num_tasks", "epsilon": 1e-12}
-    config = config_round_trip("uw_so", kwargs)
+    config = check_config_round_trip("uw_so", kwargs)
     for key, value in kwargs.items():
         assert config["temperature" if key == "T" else key] == value
